@@ -1,0 +1,105 @@
+"""Configuration of one virtio-fs shared directory.
+
+`FsOptions` is the single place where the user-facing knobs of a shared directory are checked.
+It validates eagerly (in ``__post_init__``) so that a bad command line or config file fails when
+the VM is being built, with a message naming the field, rather than later inside a worker thread
+where the only symptom would be a guest that cannot mount.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+#: Maximum length of the virtio-fs tag in bytes (virtio_fs_config.tag[36]).
+FS_MAX_TAG_LEN = 36
+
+#: Accepted cache policies (same meaning as crosvm's ``cache=``).
+CACHE_POLICIES = ("never", "auto", "always")
+
+
+def _check_timeout(field: str, value: object) -> float:
+    # bool is an int subclass; "timeout=True" is almost certainly a config mistake.
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{field} must be a number of seconds, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{field} must be finite, got {value!r}")
+    if value < 0:
+        raise ValueError(f"{field} must be >= 0, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class FsOptions:
+    """Options of one shared directory (see spec.md, "virtio").
+
+    ``source`` is stored as an absolute path (a relative one is resolved against the current
+    directory once, here, so that later chdirs cannot change what is shared).
+    """
+
+    source: str                    # host directory (absolute)
+    tag: str                       # <= 36 bytes UTF-8
+    num_request_queues: int = 1
+    cache: str = "auto"            # never | auto | always
+    timeout: float = 1.0           # entry/attr validity seconds for positive entries
+    negative_timeout: float = 0.0  # 0 = reply -ENOENT; > 0 = reply nodeid 0 with entry_valid = this
+    writeback: bool = False
+    trace: bool = False            # JSON-lines trace of every request
+    trace_path: str | None = None
+
+    def __post_init__(self) -> None:
+        # source
+        if not isinstance(self.source, str) or not self.source:
+            raise ValueError(f"source must be a non-empty path string, got {self.source!r}")
+        if "\0" in self.source:
+            raise ValueError("source must not contain NUL characters")
+        source = os.path.abspath(self.source)
+        if not os.path.isdir(source):
+            raise ValueError(f"source {self.source!r} is not an existing directory")
+        object.__setattr__(self, "source", source)
+
+        # tag: it is copied into virtio_fs_config.tag[36]; the guest mounts by it.
+        if not isinstance(self.tag, str):
+            raise ValueError(f"tag must be a string, got {self.tag!r}")
+        try:
+            tag_bytes = self.tag.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(f"tag must be valid UTF-8: {exc}") from None
+        if not 1 <= len(tag_bytes) <= FS_MAX_TAG_LEN:
+            raise ValueError(
+                f"tag must be 1..{FS_MAX_TAG_LEN} bytes of UTF-8, got {len(tag_bytes)} bytes")
+        if "\0" in self.tag:
+            # The guest reads the tag up to the first NUL; an embedded one silently truncates it.
+            raise ValueError("tag must not contain NUL characters")
+
+        # num_request_queues
+        if isinstance(self.num_request_queues, bool) or not isinstance(self.num_request_queues, int):
+            raise ValueError(
+                f"num_request_queues must be an integer, got {self.num_request_queues!r}")
+        if self.num_request_queues < 1:
+            raise ValueError(f"num_request_queues must be >= 1, got {self.num_request_queues}")
+
+        # cache
+        if self.cache not in CACHE_POLICIES:
+            raise ValueError(
+                f"cache must be one of {'|'.join(CACHE_POLICIES)}, got {self.cache!r}")
+
+        # timeouts
+        object.__setattr__(self, "timeout", _check_timeout("timeout", self.timeout))
+        object.__setattr__(self, "negative_timeout",
+                           _check_timeout("negative_timeout", self.negative_timeout))
+
+        # flags
+        for field in ("writeback", "trace"):
+            if not isinstance(getattr(self, field), bool):
+                raise ValueError(f"{field} must be a bool, got {getattr(self, field)!r}")
+        if self.trace_path is not None and (not isinstance(self.trace_path, str)
+                                            or not self.trace_path):
+            raise ValueError(f"trace_path must be a non-empty string or None, got {self.trace_path!r}")
+
+    @property
+    def positive_timeout(self) -> float:
+        """Entry/attr validity for positive replies: ``timeout``, or 0 when ``cache == "never"``."""
+        return 0.0 if self.cache == "never" else self.timeout
