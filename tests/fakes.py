@@ -86,3 +86,102 @@ class FakeGuestMemory:
 
     def write_u64(self, gpa: int, value: int) -> None:
         self._pack("<Q", gpa, value)
+
+
+def _align(value: int, align: int) -> int:
+    return (value + align - 1) & ~(align - 1)
+
+
+class FakeDriverQueue:
+    """Plays the guest driver's half of a split virtqueue inside a FakeGuestMemory.
+
+    Lays out the rings at `base`, hands out data buffers from a bump heap at `heap`, and publishes
+    chains on the available ring the way Linux's virtio_ring does, so device code can be exercised
+    exactly as a guest would drive it. `add_raw` writes arbitrary (possibly malformed) descriptors.
+    """
+
+    def __init__(self, memory: FakeGuestMemory, size: int, base: int, heap: int) -> None:
+        self.memory = memory
+        self.size = size
+        self.desc = base
+        self.avail = base + 16 * size
+        self.used = _align(self.avail + 6 + 2 * size, 4)
+        self.end = self.used + 6 + 8 * size
+        self.heap = heap
+        self.avail_idx = 0
+        self.next_desc = 0
+
+    # -- buffers ------------------------------------------------------------------------------
+    def alloc(self, data: bytes | int) -> int:
+        """Place `data` (or reserve `data` zero bytes) in the heap; returns its guest address."""
+        if isinstance(data, int):
+            data = bytes(data)
+        gpa = self.heap
+        self.memory.write(gpa, data)
+        self.heap = _align(self.heap + len(data), 16)
+        return gpa
+
+    def _alloc_desc_index(self) -> int:
+        idx = self.next_desc % self.size
+        self.next_desc += 1
+        return idx
+
+    def write_desc(self, table: int, index: int, addr: int, length: int, flags: int, nxt: int) -> None:
+        self.memory.write(table + 16 * index, struct.pack("<QIHH", addr, length, flags, nxt))
+
+    # -- publishing ---------------------------------------------------------------------------
+    def publish(self, head: int) -> None:
+        self.memory.write_u16(self.avail + 4 + 2 * (self.avail_idx % self.size), head)
+        self.avail_idx = (self.avail_idx + 1) & 0xFFFF
+        self.memory.write_u16(self.avail + 2, self.avail_idx)
+
+    def add_chain(self, readable: list[bytes], writable: list[int], *, indirect: bool = False) -> tuple[int, list[int]]:
+        """Publish a chain; returns (head, guest addresses of the writable buffers)."""
+        bufs = [(self.alloc(r), len(r), 0) for r in readable]
+        out_addrs = []
+        for w in writable:
+            gpa = self.alloc(w)
+            out_addrs.append(gpa)
+            bufs.append((gpa, w, 2))
+        if indirect:
+            table = self.alloc(16 * len(bufs))
+            for i, (addr, length, flags) in enumerate(bufs):
+                last = i == len(bufs) - 1
+                self.write_desc(table, i, addr, length, flags | (0 if last else 1), 0 if last else i + 1)
+            head = self._alloc_desc_index()
+            self.write_desc(self.desc, head, table, 16 * len(bufs), 4, 0)
+        else:
+            indices = [self._alloc_desc_index() for _ in bufs]
+            for i, (addr, length, flags) in enumerate(bufs):
+                last = i == len(bufs) - 1
+                self.write_desc(self.desc, indices[i], addr, length, flags | (0 if last else 1),
+                                0 if last else indices[i + 1])
+            head = indices[0]
+        self.publish(head)
+        return head, out_addrs
+
+    def add_raw(self, descs: dict[int, tuple[int, int, int, int]], head: int) -> None:
+        """Write descriptors {index: (addr, len, flags, next)} into the table and publish `head`."""
+        for index, (addr, length, flags, nxt) in descs.items():
+            self.write_desc(self.desc, index, addr, length, flags, nxt)
+        self.publish(head)
+
+    # -- device's output ----------------------------------------------------------------------
+    def used_idx(self) -> int:
+        return self.memory.read_u16(self.used + 2)
+
+    def used_elems(self) -> list[tuple[int, int]]:
+        """All (id, len) elements the device has published so far (up to one ring's worth)."""
+        n = self.used_idx()
+        first = max(0, n - self.size)
+        return [struct.unpack("<II", self.memory.read(self.used + 4 + 8 * (i % self.size), 8))
+                for i in range(first, n)]
+
+    def avail_event(self) -> int:
+        return self.memory.read_u16(self.used + 4 + 8 * self.size)
+
+    def set_used_event(self, value: int) -> None:
+        self.memory.write_u16(self.avail + 4 + 2 * self.size, value)
+
+    def set_avail_flags(self, flags: int) -> None:
+        self.memory.write_u16(self.avail, flags)
