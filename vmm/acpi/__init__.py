@@ -1,0 +1,98 @@
+"""ACPI tables for the guest: RSDP -> XSDT -> {FADT -> DSDT, MADT}.
+
+The VMM calls `build_acpi_tables(vcpus, virtio_devices)` and writes the result into guest memory with
+`AcpiTables.write_to(memory)`; the zero page's `acpi_rsdp_addr` gets `AcpiTables.rsdp_addr`.
+
+Placement: everything lives in [ACPI_AREA_START, ACPI_AREA_END) = [0xE0000, 0x100000), the legacy
+BIOS area. The RSDP sits at 0xE0000 (where Linux also finds it by scanning, even without
+acpi_rsdp_addr), the tables follow it, 16-byte aligned. Keeping clear of [0x9FC00, 0xA0000) leaves
+the EBDA / MP-table area to the VMM. The VMM must mark the range reserved in the e820 map (Linux never
+uses 640K-1M as RAM anyway, but saying so keeps the tables safe from any reading of the map).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from vmm.acpi.dsdt import VirtioMmioWindow, build_dsdt
+from vmm.acpi.fadt import build_fadt
+from vmm.acpi.madt import MAX_VCPUS, build_madt
+from vmm.acpi.rsdp import RSDP_SIZE, build_rsdp
+from vmm.acpi.xsdt import build_xsdt
+
+ACPI_AREA_START = 0xE0000
+ACPI_AREA_END = 0x100000
+RSDP_ADDR = ACPI_AREA_START
+TABLE_ALIGN = 16
+
+__all__ = [
+    "ACPI_AREA_END",
+    "ACPI_AREA_START",
+    "RSDP_ADDR",
+    "AcpiTables",
+    "build_acpi_tables",
+]
+
+
+class _WritableMemory(Protocol):
+    def write(self, gpa: int, data: bytes) -> None: ...
+
+
+@dataclass(frozen=True)
+class AcpiTables:
+    """The encoded tables and where each one goes in guest-physical memory."""
+
+    blobs: list[tuple[int, bytes]]
+    rsdp_addr: int
+    # Signature ("RSD PTR ", "DSDT", "FACP", "APIC", "XSDT") -> (gpa, bytes), for logs and tests.
+    tables: dict[str, tuple[int, bytes]] = field(default_factory=dict)
+
+    def write_to(self, memory: _WritableMemory) -> None:
+        """Copy every table into guest memory (raises the memory's ValueError if the area is not RAM)."""
+        for gpa, data in self.blobs:
+            memory.write(gpa, data)
+
+
+def _align_up(value: int, align: int) -> int:
+    return (value + align - 1) & ~(align - 1)
+
+
+def build_acpi_tables(vcpus: int, virtio_devices: list[tuple[int, int, int]]) -> AcpiTables:
+    """Build the guest's ACPI tables.
+
+    `vcpus`: 1..255. `virtio_devices`: (mmio_base, mmio_size, gsi) per virtio-mmio transport, in the
+    order the devices should be named (_SB_.V000, V001, ...). Raises ValueError for bad input or
+    tables that do not fit the area.
+    """
+    if isinstance(vcpus, bool) or not isinstance(vcpus, int) or not 1 <= vcpus <= MAX_VCPUS:
+        raise ValueError(f"vcpus must be an integer in 1..{MAX_VCPUS}, got {vcpus!r}")
+    windows = []
+    for i, dev in enumerate(virtio_devices):
+        if len(dev) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) for v in dev):
+            raise ValueError(f"virtio device {i}: expected (mmio_base, mmio_size, gsi) integers, got {dev!r}")
+        windows.append(VirtioMmioWindow(*dev))
+
+    tables: dict[str, tuple[int, bytes]] = {}
+    cursor = _align_up(RSDP_ADDR + RSDP_SIZE, TABLE_ALIGN)
+
+    def place(signature: str, data: bytes) -> int:
+        nonlocal cursor
+        addr = cursor
+        if addr + len(data) > ACPI_AREA_END:
+            raise ValueError(
+                f"ACPI tables do not fit in [{ACPI_AREA_START:#x}, {ACPI_AREA_END:#x}): "
+                f"{signature} ({len(data)} bytes) would end at {addr + len(data):#x}"
+            )
+        tables[signature] = (addr, data)
+        cursor = _align_up(addr + len(data), TABLE_ALIGN)
+        return addr
+
+    dsdt_addr = place("DSDT", build_dsdt(windows))
+    fadt_addr = place("FACP", build_fadt(dsdt_addr))
+    madt_addr = place("APIC", build_madt(vcpus))
+    xsdt_addr = place("XSDT", build_xsdt([fadt_addr, madt_addr]))
+    tables["RSD PTR "] = (RSDP_ADDR, build_rsdp(xsdt_addr))
+
+    blobs = sorted(tables.values())
+    return AcpiTables(blobs=blobs, rsdp_addr=RSDP_ADDR, tables=tables)
