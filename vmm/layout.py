@@ -1,0 +1,93 @@
+"""The guest's physical address map and interrupt numbers, in one place.
+
+Every address the VMM, the boot code, the ACPI tables and the devices agree on lives here, so a
+change (say, a bigger command line) cannot leave one of them behind.  The values follow what
+Firecracker / cloud-hypervisor use for a direct-boot x86_64 Linux guest; comments say why.
+"""
+
+from __future__ import annotations
+
+KiB = 1 << 10
+MiB = 1 << 20
+GiB = 1 << 30
+
+# ---- low memory (below 1 MiB): boot structures the kernel reads before it has its own --------
+# Real-mode IVT and BDA live in [0, 0x500): never put anything there.
+GDT_ADDR = 0x500              # boot GDT: null, 64-bit code, data, TSS descriptors (4 x 8 bytes)
+GDT_ENTRIES = 4
+IDT_ADDR = 0x520              # empty IDT (limit 7): any exception before the kernel's IDT -> triple fault
+ZERO_PAGE_ADDR = 0x7000       # struct boot_params ("zero page"); RSI points here at the 64-bit entry
+ZERO_PAGE_SIZE = 0x1000
+BOOT_STACK_POINTER = 0x8FF0   # RSP/RBP at entry: just below the page tables, above the zero page
+PML4_ADDR = 0x9000            # identity page tables: PML4 -> PDPT -> (PDs) ...
+PDPT_ADDR = 0xA000
+PD_ADDR = 0xB000              # first of IDENTITY_MAP_GIB page directories (2 MiB pages), 4 KiB each
+IDENTITY_MAP_GIB = 4          # map [0, 4 GiB): kernel, zero page, cmdline, initrd and MMIO all covered
+PAGE_TABLES_END = PD_ADDR + IDENTITY_MAP_GIB * 0x1000   # 0xF000: must stay below CMDLINE_ADDR
+CMDLINE_ADDR = 0x20000        # kernel command line, NUL-terminated
+CMDLINE_MAX_SIZE = 2048       # COMMAND_LINE_SIZE of x86 Linux (includes the NUL)
+
+# [0x9FC00, 0x100000): EBDA, VGA hole and BIOS ROM area on a PC; reserved in the e820 map so the
+# kernel never allocates it, and where Linux scans for the RSDP/MP tables.
+EBDA_START = 0x9FC00
+HIGH_MEMORY_START = 0x100000  # 1 MiB: usual RAM starts again here
+ACPI_TABLES_ADDR = 0xE0000    # RSDP (Linux scans 0xE0000-0xFFFFF for "RSD PTR ") then XSDT/FADT/...
+ACPI_TABLES_SIZE = 0x20000    # up to 1 MiB; all inside the reserved range above
+RSDP_ADDR = ACPI_TABLES_ADDR
+
+# ---- the kernel ------------------------------------------------------------------------------
+KERNEL_LOAD_ADDR = 0x1000000  # 16 MiB = LOAD_PHYSICAL_ADDR of a default x86_64 kernel
+BZIMAGE_DEFAULT_LOAD = 0x100000   # code32_start default for a non-relocatable bzImage
+BOOT_LOADER_TYPE = 0xFF       # type_of_loader "undefined" (boot.rst: for loaders without an id)
+
+# ---- 32-bit MMIO hole: no RAM in [3 GiB, 4 GiB) ------------------------------------------------
+MMIO_HOLE_START = 3 * GiB     # RAM above this is relocated to HIGH_RAM_START
+MMIO_HOLE_END = 4 * GiB
+HIGH_RAM_START = MMIO_HOLE_END
+
+# virtio-mmio transports: one 4 KiB window each, interrupts from GSI 5 up (kernel cmdline
+# "virtio_mmio.device=4K@0xd0000000:5"); 5.. avoids the legacy ISA lines in use (1, 4, 8, 12...)
+VIRTIO_MMIO_BASE = 0xD0000000
+VIRTIO_MMIO_SIZE = 0x1000
+VIRTIO_MMIO_STRIDE = 0x1000
+VIRTIO_FIRST_GSI = 5
+VIRTIO_GSI_BASE = VIRTIO_FIRST_GSI
+VIRTIO_MAX_DEVICES = 16       # GSI 5..20 stay below the IOAPIC's 24 pins
+
+IOAPIC_ADDR = 0xFEC00000      # in-kernel IOAPIC (KVM_CREATE_IRQCHIP), also in the MADT
+IOAPIC_PINS = 24
+LAPIC_ADDR = 0xFEE00000       # in-kernel local APIC base (default IA32_APIC_BASE)
+TSS_ADDR = 0xFFFBD000         # KVM_SET_TSS_ADDR: 3 pages KVM needs on VMX, inside the hole, unused
+IDENTITY_MAP_ADDR = 0xFFFBC000   # KVM_SET_IDENTITY_MAP_ADDR (one page just below the TSS)
+
+# ---- legacy ports and their ISA IRQs --------------------------------------------------------
+COM1_PORT = 0x3F8
+COM1_PORT_SIZE = 8
+COM1_IRQ = 4
+I8042_DATA_PORT = 0x60
+I8042_CMD_PORT = 0x64         # write 0xFE here = CPU reset (Linux reboot=k)
+I8042_IRQ = 1
+ACPI_PM_PORT = 0x600          # PM1a event/control block base (FADT); S5 write there = power off
+ACPI_PM_PORT_SIZE = 8
+ACPI_SCI_IRQ = 9
+
+
+def virtio_mmio_addr(index: int) -> int:
+    """Guest-physical base of the ``index``-th virtio-mmio window."""
+    if not 0 <= index < VIRTIO_MAX_DEVICES:
+        raise ValueError(f"virtio-mmio device index {index} out of range")
+    return VIRTIO_MMIO_BASE + index * VIRTIO_MMIO_STRIDE
+
+
+def virtio_gsi(index: int) -> int:
+    """GSI (IOAPIC pin) of the ``index``-th virtio-mmio device."""
+    if not 0 <= index < VIRTIO_MAX_DEVICES:
+        raise ValueError(f"virtio-mmio device index {index} out of range")
+    return VIRTIO_FIRST_GSI + index
+
+
+# e820 types (boot.rst / ACPI spec)
+E820_RAM = 1
+E820_RESERVED = 2
+E820_ACPI = 3
+E820_NVS = 4
