@@ -1,0 +1,166 @@
+"""The passthrough's inode table: FUSE node ids <-> host inodes held open as O_PATH fds.
+
+Why an fd per inode: every later operation (lookup below it, getattr, open, xattr, ...) is done
+relative to that fd, never by path, so a host-side rename or a symlink swapped into the tree can
+not redirect a request outside the shared directory. Holding the fd also pins the host inode, so
+its (st_dev, st_ino) key cannot be reused by another file while the guest still knows the node.
+
+Why pins: the guest may FORGET a node on the hiprio queue while a request queue is still using
+its fd. Closing at that moment would let the fd number be reused by an unrelated open and the
+in-flight request would act on the wrong file. So an fd is closed only when the lookup count is 0
+*and* no request holds a pin (``with table.pin(nodeid) as inode:``).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+logger = logging.getLogger(__name__)
+
+ROOT_ID = 1
+#: libfuse (and crosvm) start the root with two references so that a stray FORGET of the root
+#: cannot drop it; we additionally never close the root before destroy().
+ROOT_INITIAL_LOOKUPS = 2
+
+
+@dataclass(eq=False)
+class Inode:
+    nodeid: int
+    fd: int          # O_PATH | O_NOFOLLOW (| O_DIRECTORY for directories)
+    dev: int
+    ino: int
+    ftype: int       # stat.S_IFMT(st_mode); fixed for the life of a host inode
+    lookups: int
+    pins: int = 0
+    live: bool = True  # still in the table (lookups > 0 or root)
+
+    @property
+    def is_dir(self) -> bool:
+        return self.ftype == stat.S_IFDIR
+
+    @property
+    def is_reg(self) -> bool:
+        return self.ftype == stat.S_IFREG
+
+    @property
+    def is_symlink(self) -> bool:
+        return self.ftype == stat.S_IFLNK
+
+    @property
+    def proc_path(self) -> str:
+        """Magic link that reopens exactly this inode (never re-resolves a name)."""
+        return f"/proc/self/fd/{self.fd}"
+
+
+class InodeTable:
+    """Thread-safe map nodeid -> Inode, plus (st_dev, st_ino) -> Inode so that repeated lookups
+    and hard links of one host inode share one nodeid. Node ids are monotonic, never reused."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_id: dict[int, Inode] = {}
+        self._by_key: dict[tuple[int, int], Inode] = {}
+        self._next_id = ROOT_ID + 1
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._by_id)
+
+    def set_root(self, fd: int, st: os.stat_result) -> None:
+        """Install the share root as nodeid 1 (takes ownership of fd)."""
+        with self._lock:
+            if ROOT_ID in self._by_id:
+                raise RuntimeError("root already installed")
+            root = Inode(ROOT_ID, fd, st.st_dev, st.st_ino, stat.S_IFMT(st.st_mode),
+                         ROOT_INITIAL_LOOKUPS)
+            self._by_id[ROOT_ID] = root
+            self._by_key[(st.st_dev, st.st_ino)] = root
+
+    def add(self, fd: int, st: os.stat_result) -> Inode:
+        """Record one lookup of the host inode `fd` refers to (takes ownership of fd).
+
+        If the inode is already known its lookup count goes up and `fd` is closed; otherwise a
+        new nodeid is allocated."""
+        key = (st.st_dev, st.st_ino)
+        with self._lock:
+            existing = self._by_key.get(key)
+            if existing is not None:
+                existing.lookups += 1
+                dup = fd
+            else:
+                dup = None
+                existing = Inode(self._next_id, fd, st.st_dev, st.st_ino,
+                                 stat.S_IFMT(st.st_mode), 1)
+                self._next_id += 1
+                self._by_id[existing.nodeid] = existing
+                self._by_key[key] = existing
+        if dup is not None:
+            os.close(dup)
+        return existing
+
+    @contextmanager
+    def pin(self, nodeid: int) -> Iterator[Inode]:
+        """Borrow the inode for the duration of a request; unknown nodeid -> EBADF."""
+        with self._lock:
+            inode = self._by_id.get(nodeid)
+            if inode is None:
+                raise OSError(errno.EBADF, f"unknown nodeid {nodeid}")
+            inode.pins += 1
+        try:
+            yield inode
+        finally:
+            close_fd = None
+            with self._lock:
+                inode.pins -= 1
+                if not inode.live and inode.pins == 0 and inode.fd >= 0:
+                    close_fd, inode.fd = inode.fd, -1
+            if close_fd is not None:
+                os.close(close_fd)
+
+    def forget(self, nodeid: int, nlookup: int) -> None:
+        """Drop `nlookup` references; at 0 the node disappears and its fd is closed (once no
+        request holds it). Unknown node ids are ignored: FORGET has no reply to carry an error."""
+        close_fd = None
+        with self._lock:
+            inode = self._by_id.get(nodeid)
+            if inode is None:
+                logger.debug("forget of unknown nodeid %d ignored", nodeid)
+                return
+            inode.lookups = max(0, inode.lookups - max(0, nlookup))
+            if inode.lookups == 0 and nodeid != ROOT_ID:
+                inode.live = False
+                del self._by_id[nodeid]
+                if self._by_key.get((inode.dev, inode.ino)) is inode:
+                    del self._by_key[(inode.dev, inode.ino)]
+                if inode.pins == 0:
+                    close_fd, inode.fd = inode.fd, -1
+        if close_fd is not None:
+            os.close(close_fd)
+
+    def lookup_count(self, nodeid: int) -> int:
+        """Current lookup count (0 if unknown); for tests and metrics."""
+        with self._lock:
+            inode = self._by_id.get(nodeid)
+            return inode.lookups if inode is not None else 0
+
+    def clear(self) -> None:
+        """Forget everything (DESTROY / re-INIT). Pinned fds are closed when their pin ends."""
+        with self._lock:
+            inodes = list(self._by_id.values())
+            self._by_id.clear()
+            self._by_key.clear()
+            to_close = []
+            for inode in inodes:
+                inode.live = False
+                if inode.pins == 0 and inode.fd >= 0:
+                    to_close.append(inode.fd)
+                    inode.fd = -1
+        for fd in to_close:
+            os.close(fd)

@@ -1,0 +1,794 @@
+"""PassthroughFs: serve one host directory to the guest over FUSE (crosvm's passthrough.rs).
+
+Confinement model (what keeps every request inside the shared directory):
+
+* The guest names files only by node ids we handed out plus single path components. Every node
+  id maps to an O_PATH fd we hold (inodes.py); nothing is ever resolved from a path string
+  built out of guest input.
+* A component is resolved relative to its parent's fd with openat2(RESOLVE_BENEATH |
+  RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS, O_PATH | O_NOFOLLOW). Names that are empty,
+  contain '/' or NUL, or are '.'/'..' are refused before any syscall, so even the openat
+  fallback cannot climb out. The server never follows a symlink: looking one up yields the
+  symlink itself, OPEN of a symlink is ELOOP, READLINK only returns its text.
+* Files are (re)opened through ``/proc/self/fd/N`` of the inode's O_PATH fd, which reopens
+  exactly that inode and never re-resolves a name, so a symlink swapped into the tree between
+  LOOKUP and OPEN cannot redirect the open. CREATE opens with O_NOFOLLOW (and O_EXCL first).
+* Hard links are made from the inode's own fd (linkat AT_EMPTY_PATH), so the guest can only
+  link inodes it already reached inside the share.
+
+Credentials: the VMM runs as root and every operation runs with its credentials; the guest
+kernel enforces permissions itself (virtio-fs mounts use default_permissions). To keep
+ownership right, new entries (create/mkdir/mknod/symlink) are chowned to the caller's uid/gid
+when we run as root (the gid is left alone in set-group-ID directories, as the kernel would).
+crosvm switches the thread's euid instead; the visible result is the same.
+
+Every public method raises only OSError with a meaningful errno (see ``_guard``).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import functools
+import logging
+import os
+import stat
+from typing import Any, Callable, Iterator, TypeVar
+
+from fuse import abi
+from fuse.filesystem import Context, DirEntry, Entry, FileSystem, SetattrRequest
+from fuse.io import Reader, Writer
+
+from . import syscalls
+from .handles import HandleTable
+from .inodes import ROOT_ID, Inode, InodeTable
+from .options import FsOptions
+
+logger = logging.getLogger(__name__)
+
+NAME_MAX = 255
+PATH_MAX = 4096
+XATTR_NAME_MAX = 255
+XATTR_SIZE_MAX = 65536
+_MAX_OFF = (1 << 63) - 1
+
+_XATTR_CREATE = getattr(os, "XATTR_CREATE", 1)
+_XATTR_REPLACE = getattr(os, "XATTR_REPLACE", 2)
+
+# Open flags passed through to the host. O_CREAT/O_EXCL/O_NOCTTY/O_PATH/O_TMPFILE/O_DIRECTORY
+# are ours to decide; O_DIRECT is dropped (guest buffers and offsets need not be aligned for the
+# host filesystem, and some, like tmpfs, refuse it), as virtiofsd does by default.
+_PASS_OPEN_FLAGS = (os.O_ACCMODE | os.O_APPEND | os.O_TRUNC | os.O_DSYNC | os.O_SYNC
+                    | os.O_NOATIME | os.O_NONBLOCK)
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _guard(fn: _F) -> _F:
+    """Turn every failure into OSError(errno): the server maps it to a -errno reply, and nothing
+    a hostile guest sends may raise anything else into the worker thread."""
+
+    @functools.wraps(fn)
+    def wrapper(self: "PassthroughFs", *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(self, *args, **kwargs)
+        except OSError as e:
+            if not e.errno or e.errno <= 0:
+                logger.warning("%s: OSError without errno: %s", fn.__name__, e)
+                raise OSError(errno.EIO, os.strerror(errno.EIO)) from None
+            raise
+        except (ValueError, OverflowError, TypeError) as e:
+            # Malformed arguments (embedded NUL, out-of-range offsets, wrong types).
+            logger.debug("%s: invalid argument: %s", fn.__name__, e)
+            raise OSError(errno.EINVAL, str(e)) from None
+        except Exception:  # noqa: BLE001 - the contract is "only OSError escapes"
+            logger.exception("%s: unexpected error", fn.__name__)
+            raise OSError(errno.EIO, os.strerror(errno.EIO)) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _guard_iter(name: str, it: Iterator[Any]) -> Iterator[Any]:
+    """`_guard` for the lazily evaluated part of readdir/readdirplus."""
+    try:
+        yield from it
+    except OSError as e:
+        if not e.errno or e.errno <= 0:
+            raise OSError(errno.EIO, os.strerror(errno.EIO)) from None
+        raise
+    except Exception:  # noqa: BLE001
+        logger.exception("%s: unexpected error while iterating", name)
+        raise OSError(errno.EIO, os.strerror(errno.EIO)) from None
+
+
+def _err(code: int, msg: str = "") -> OSError:
+    return OSError(code, msg or os.strerror(code))
+
+
+def _check_name(name: Any) -> bytes:
+    """One path component from the guest: refuse anything that could name another directory."""
+    if not isinstance(name, (bytes, bytearray, memoryview)):
+        raise _err(errno.EINVAL, "name must be bytes")
+    name = bytes(name)
+    if not name or b"/" in name or b"\0" in name:
+        raise _err(errno.EINVAL, f"invalid name {name!r}")
+    if name in (b".", b".."):
+        raise _err(errno.EPERM, f"name {name!r} refused")
+    if len(name) > NAME_MAX:
+        raise _err(errno.ENAMETOOLONG)
+    return name
+
+
+def _check_int(value: Any, what: str, lo: int = 0, hi: int = _MAX_OFF) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise _err(errno.EINVAL, f"{what} out of range: {value!r}")
+    return value
+
+
+def _check_xattr_name(name: Any) -> bytes:
+    if not isinstance(name, (bytes, bytearray, memoryview)):
+        raise _err(errno.EINVAL, "xattr name must be bytes")
+    name = bytes(name)
+    if not name or b"\0" in name:
+        raise _err(errno.EINVAL, "invalid xattr name")
+    if len(name) > XATTR_NAME_MAX:
+        raise _err(errno.ERANGE, "xattr name too long")
+    return name
+
+
+def _dt_from_mode(mode: int) -> int:
+    return {
+        stat.S_IFREG: abi.DT_REG, stat.S_IFDIR: abi.DT_DIR, stat.S_IFLNK: abi.DT_LNK,
+        stat.S_IFIFO: abi.DT_FIFO, stat.S_IFSOCK: abi.DT_SOCK, stat.S_IFCHR: abi.DT_CHR,
+        stat.S_IFBLK: abi.DT_BLK,
+    }.get(stat.S_IFMT(mode), abi.DT_UNKNOWN)
+
+
+class PassthroughFs(FileSystem):
+    """A FUSE filesystem exposing ``options.source`` (see the module docstring)."""
+
+    def __init__(self, options: FsOptions) -> None:
+        self.options = options
+        self._inodes = InodeTable()
+        self._handles = HandleTable()
+        self._as_root = os.geteuid() == 0
+        self._open_root()
+
+    # ------------------------------------------------------------------ helpers
+
+    def _open_root(self) -> None:
+        # The share root itself may be reached through a symlink: the admin chose the path.
+        fd = os.open(self.options.source, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            self._inodes.set_root(fd, st)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    @property
+    def _timeout(self) -> float:
+        return self.options.positive_timeout
+
+    def _entry(self, inode: Inode, st: os.stat_result) -> Entry:
+        t = self._timeout
+        return Entry(nodeid=inode.nodeid, generation=0, attr=st, entry_timeout=t, attr_timeout=t)
+
+    def _fopen_flags(self, is_dir: bool) -> int:
+        cache = self.options.cache
+        if is_dir:
+            return abi.FOPEN_CACHE_DIR if cache == "always" else 0
+        if cache == "never":
+            return abi.FOPEN_DIRECT_IO
+        if cache == "always":
+            return abi.FOPEN_KEEP_CACHE
+        return 0
+
+    def _open_flags(self, flags: int) -> int:
+        flags = _check_int(flags, "flags", 0, 0xFFFFFFFF)
+        out = flags & _PASS_OPEN_FLAGS
+        acc = out & os.O_ACCMODE
+        if acc == os.O_ACCMODE:
+            raise _err(errno.EINVAL, "bad access mode")
+        if self.options.writeback:
+            # With a writeback cache the guest may read pages of a file opened write-only (to
+            # fill partial pages) and computes append offsets itself (crosvm does the same).
+            if acc == os.O_WRONLY:
+                out = (out & ~os.O_ACCMODE) | os.O_RDWR
+            out &= ~os.O_APPEND
+        return out | os.O_CLOEXEC
+
+    def _lookup_fd(self, parent: Inode, name: bytes) -> int:
+        """O_PATH fd of `name` inside `parent`, never following a symlink or leaving the tree."""
+        if not parent.is_dir:
+            raise _err(errno.ENOTDIR)
+        return syscalls.openat2(parent.fd, name, os.O_PATH | os.O_NOFOLLOW)
+
+    def _add(self, fd: int) -> Entry:
+        """Register an O_PATH fd (ownership passes to the table) and build its Entry."""
+        try:
+            st = os.fstat(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        inode = self._inodes.add(fd, st)
+        return self._entry(inode, st)
+
+    def _do_lookup(self, parent: Inode, name: bytes) -> Entry:
+        return self._add(self._lookup_fd(parent, name))
+
+    def _chown_new(self, ctx: Context | None, parent: Inode, fd: int) -> None:
+        """Give a just-created entry the caller's ownership (see module docstring)."""
+        if not self._as_root or ctx is None:
+            return
+        try:
+            pst = os.fstat(parent.fd)
+            gid = -1 if pst.st_mode & stat.S_ISGID else ctx.gid
+            st = os.fstat(fd)
+            special = st.st_mode & (stat.S_ISUID | stat.S_ISGID)
+            syscalls.fchownat_empty(fd, ctx.uid, gid)
+            if special and not stat.S_ISLNK(st.st_mode) and not stat.S_ISDIR(st.st_mode):
+                # chown clears set-id bits even for root; the creator asked for them.
+                os.chmod(f"/proc/self/fd/{fd}", stat.S_IMODE(st.st_mode))
+        except OSError as e:
+            logger.warning("could not chown new entry to %d:%d: %s", ctx.uid, ctx.gid, e)
+
+    def _lookup_new(self, ctx: Context | None, parent: Inode, name: bytes) -> Entry:
+        fd = self._lookup_fd(parent, name)
+        self._chown_new(ctx, parent, fd)
+        return self._add(fd)
+
+    # ------------------------------------------------------------------ session
+
+    @_guard
+    def init(self, capable: int) -> int:
+        """Start a fresh session (crosvm also clears its tables on INIT) and say what we want."""
+        capable = _check_int(capable, "capable", 0, (1 << 64) - 1)
+        self._handles.clear()
+        self._inodes.clear()
+        self._open_root()
+        want = (abi.FUSE_DO_READDIRPLUS | abi.FUSE_READDIRPLUS_AUTO | abi.FUSE_PARALLEL_DIROPS
+                | abi.FUSE_ATOMIC_O_TRUNC | abi.FUSE_BIG_WRITES | abi.FUSE_ASYNC_READ)
+        if self.options.cache != "never":
+            want |= abi.FUSE_CACHE_SYMLINKS
+        if self.options.cache == "auto":
+            want |= abi.FUSE_AUTO_INVAL_DATA
+        if self.options.writeback:
+            want |= abi.FUSE_WRITEBACK_CACHE
+        return want & capable
+
+    @_guard
+    def destroy(self) -> None:
+        self._handles.clear()
+        self._inodes.clear()
+
+    def inode_count(self) -> int:
+        """Number of node ids currently known (root included); for tests and metrics."""
+        return len(self._inodes)
+
+    def handle_count(self) -> int:
+        return len(self._handles)
+
+    def lookup_count(self, nodeid: int) -> int:
+        return self._inodes.lookup_count(nodeid)
+
+    # ------------------------------------------------------------------ names
+
+    @_guard
+    def lookup(self, ctx: Context, parent: int, name: bytes) -> Entry:
+        name = _check_name(name)
+        with self._inodes.pin(parent) as p:
+            try:
+                return self._do_lookup(p, name)
+            except OSError as e:
+                neg = self.options.negative_timeout
+                if e.errno == errno.ENOENT and neg > 0:
+                    # nodeid 0 + entry_valid: the guest caches "does not exist" (libfuse and
+                    # crosvm negative_timeout). Nothing was added, so nothing will be forgotten.
+                    return Entry.negative(neg)
+                raise
+
+    @_guard
+    def forget(self, nodeid: int, nlookup: int) -> None:
+        if isinstance(nodeid, int) and isinstance(nlookup, int):
+            self._inodes.forget(nodeid, nlookup)
+
+    @_guard
+    def batch_forget(self, items: list[tuple[int, int]]) -> None:
+        for item in items:
+            try:
+                nodeid, nlookup = item
+            except (TypeError, ValueError):
+                continue
+            if isinstance(nodeid, int) and isinstance(nlookup, int):
+                self._inodes.forget(nodeid, nlookup)
+
+    @_guard
+    def getattr(self, ctx: Context, nodeid: int, fh: int | None) -> tuple[os.stat_result, float]:
+        # The handle (if any) refers to the same inode, so the inode's fd answers for both.
+        with self._inodes.pin(nodeid) as inode:
+            return os.fstat(inode.fd), self._timeout
+
+    @_guard
+    def setattr(self, ctx: Context, nodeid: int, req: SetattrRequest
+                ) -> tuple[os.stat_result, float]:
+        valid = _check_int(req.valid, "valid", 0, 0xFFFFFFFF)
+        with self._inodes.pin(nodeid) as inode:
+            if valid & abi.FATTR_MODE:
+                if inode.is_symlink:
+                    raise _err(errno.EOPNOTSUPP, "chmod of a symlink")
+                os.chmod(inode.proc_path, _check_int(req.mode, "mode", 0, 0xFFFFFFFF) & 0o7777)
+
+            if valid & (abi.FATTR_UID | abi.FATTR_GID):
+                uid = _check_int(req.uid, "uid", 0, 0xFFFFFFFF) if valid & abi.FATTR_UID else -1
+                gid = _check_int(req.gid, "gid", 0, 0xFFFFFFFF) if valid & abi.FATTR_GID else -1
+                syscalls.fchownat_empty(inode.fd, uid, gid)
+
+            if valid & abi.FATTR_SIZE:
+                self._truncate(inode, req, _check_int(req.size, "size"))
+
+            if valid & abi.FATTR_KILL_SUIDGID and not valid & abi.FATTR_MODE and inode.is_reg:
+                self._kill_suidgid_path(inode)
+
+            a_now = bool(req.atime_now or valid & abi.FATTR_ATIME_NOW)
+            m_now = bool(req.mtime_now or valid & abi.FATTR_MTIME_NOW)
+            if valid & (abi.FATTR_ATIME | abi.FATTR_MTIME | abi.FATTR_ATIME_NOW
+                        | abi.FATTR_MTIME_NOW):
+                atime = self._timespec(valid & (abi.FATTR_ATIME | abi.FATTR_ATIME_NOW), a_now,
+                                       req.atime_ns)
+                mtime = self._timespec(valid & (abi.FATTR_MTIME | abi.FATTR_MTIME_NOW), m_now,
+                                       req.mtime_ns)
+                syscalls.utimensat_empty(inode.fd, atime, mtime)
+
+            return os.fstat(inode.fd), self._timeout
+
+    @staticmethod
+    def _timespec(is_set: int, now: bool, ns: int) -> tuple[int, int]:
+        if not is_set:
+            return (0, syscalls.UTIME_OMIT)
+        if now:
+            return (0, syscalls.UTIME_NOW)
+        ns = _check_int(ns, "time", -(1 << 63), _MAX_OFF)
+        return divmod(ns, 1_000_000_000)
+
+    def _truncate(self, inode: Inode, req: SetattrRequest, size: int) -> None:
+        if inode.is_dir:
+            raise _err(errno.EISDIR)
+        if not inode.is_reg:
+            raise _err(errno.EINVAL, "truncate of a non-regular file")
+        if req.valid & abi.FATTR_FH and req.fh is not None:
+            with self._handles.pin(req.fh, inode.nodeid) as h:
+                try:
+                    os.ftruncate(h.fd, size)
+                    return
+                except OSError as e:
+                    if e.errno not in (errno.EBADF, errno.EINVAL):
+                        raise
+                    # Handle opened read-only: fall through to a write-only reopen.
+        fd = os.open(inode.proc_path, os.O_WRONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        try:
+            os.ftruncate(fd, size)
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _kill_suidgid_path(inode: Inode) -> None:
+        st = os.fstat(inode.fd)
+        kill = stat.S_ISUID
+        if st.st_mode & stat.S_IXGRP:
+            kill |= stat.S_ISGID
+        if st.st_mode & kill:
+            os.chmod(inode.proc_path, stat.S_IMODE(st.st_mode) & ~kill)
+
+    @_guard
+    def readlink(self, ctx: Context, nodeid: int) -> bytes:
+        with self._inodes.pin(nodeid) as inode:
+            if not inode.is_symlink:
+                raise _err(errno.EINVAL, "not a symlink")
+            # readlinkat(fd, "") reads the link the O_PATH fd refers to; it follows nothing.
+            return os.readlink(b"", dir_fd=inode.fd)
+
+    @_guard
+    def symlink(self, ctx: Context, parent: int, name: bytes, target: bytes) -> Entry:
+        name = _check_name(name)
+        if not isinstance(target, (bytes, bytearray, memoryview)):
+            raise _err(errno.EINVAL, "target must be bytes")
+        target = bytes(target)
+        if not target:
+            raise _err(errno.ENOENT, "empty symlink target")
+        if b"\0" in target:
+            raise _err(errno.EINVAL, "NUL in symlink target")
+        if len(target) >= PATH_MAX:
+            raise _err(errno.ENAMETOOLONG)
+        with self._inodes.pin(parent) as p:
+            if not p.is_dir:
+                raise _err(errno.ENOTDIR)
+            # The target is only text stored in the link; the server never follows it.
+            os.symlink(target, name, dir_fd=p.fd)
+            return self._lookup_new(ctx, p, name)
+
+    @_guard
+    def mknod(self, ctx: Context, parent: int, name: bytes, mode: int, rdev: int,
+              umask: int) -> Entry:
+        name = _check_name(name)
+        mode = _check_int(mode, "mode", 0, 0xFFFFFFFF)
+        umask = _check_int(umask, "umask", 0, 0xFFFFFFFF)
+        ftype = stat.S_IFMT(mode) or stat.S_IFREG
+        if ftype in (stat.S_IFCHR, stat.S_IFBLK):
+            raise _err(errno.EPERM, "device nodes are not allowed in the share")
+        if ftype not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK):
+            raise _err(errno.EINVAL, "bad file type for mknod")
+        with self._inodes.pin(parent) as p:
+            if not p.is_dir:
+                raise _err(errno.ENOTDIR)
+            os.mknod(name, ftype | (mode & 0o7777 & ~umask), 0, dir_fd=p.fd)
+            return self._lookup_new(ctx, p, name)
+
+    @_guard
+    def mkdir(self, ctx: Context, parent: int, name: bytes, mode: int, umask: int) -> Entry:
+        name = _check_name(name)
+        mode = _check_int(mode, "mode", 0, 0xFFFFFFFF)
+        umask = _check_int(umask, "umask", 0, 0xFFFFFFFF)
+        with self._inodes.pin(parent) as p:
+            if not p.is_dir:
+                raise _err(errno.ENOTDIR)
+            os.mkdir(name, mode & 0o7777 & ~umask, dir_fd=p.fd)
+            return self._lookup_new(ctx, p, name)
+
+    @_guard
+    def unlink(self, ctx: Context, parent: int, name: bytes) -> None:
+        name = _check_name(name)
+        with self._inodes.pin(parent) as p:
+            if not p.is_dir:
+                raise _err(errno.ENOTDIR)
+            os.unlink(name, dir_fd=p.fd)
+
+    @_guard
+    def rmdir(self, ctx: Context, parent: int, name: bytes) -> None:
+        name = _check_name(name)
+        with self._inodes.pin(parent) as p:
+            if not p.is_dir:
+                raise _err(errno.ENOTDIR)
+            os.rmdir(name, dir_fd=p.fd)
+
+    @_guard
+    def rename(self, ctx: Context, parent: int, name: bytes, newparent: int, newname: bytes,
+               flags: int) -> None:
+        name = _check_name(name)
+        newname = _check_name(newname)
+        flags = _check_int(flags, "flags", 0, 0xFFFFFFFF)
+        if flags & ~(syscalls.RENAME_NOREPLACE | syscalls.RENAME_EXCHANGE
+                     | syscalls.RENAME_WHITEOUT):
+            raise _err(errno.EINVAL, "unknown rename flags")
+        with self._inodes.pin(parent) as p, self._inodes.pin(newparent) as np:
+            if not p.is_dir or not np.is_dir:
+                raise _err(errno.ENOTDIR)
+            syscalls.renameat2(p.fd, name, np.fd, newname, flags)
+
+    @_guard
+    def link(self, ctx: Context, nodeid: int, newparent: int, newname: bytes) -> Entry:
+        newname = _check_name(newname)
+        with self._inodes.pin(nodeid) as inode, self._inodes.pin(newparent) as np:
+            if inode.is_dir:
+                raise _err(errno.EPERM, "hard link to a directory")
+            if not np.is_dir:
+                raise _err(errno.ENOTDIR)
+            try:
+                # Links exactly the inode we hold (never a name, never a symlink's target).
+                syscalls.linkat(inode.fd, b"", np.fd, newname, syscalls.AT_EMPTY_PATH)
+            except OSError as e:
+                if e.errno != errno.ENOENT:
+                    raise
+                # AT_EMPTY_PATH needs CAP_DAC_READ_SEARCH; the magic link names the same inode.
+                syscalls.linkat(syscalls.AT_FDCWD, inode.proc_path.encode(), np.fd, newname,
+                                syscalls.AT_SYMLINK_FOLLOW)
+            # The new name is the same inode: count one more lookup on it.
+            return self._add(os.dup(inode.fd))
+
+    # ------------------------------------------------------------------ files
+
+    @_guard
+    def open(self, ctx: Context, nodeid: int, flags: int) -> tuple[int, int]:
+        oflags = self._open_flags(flags)
+        with self._inodes.pin(nodeid) as inode:
+            if inode.is_dir:
+                raise _err(errno.EISDIR)
+            if inode.is_symlink:
+                raise _err(errno.ELOOP, "refusing to open a symlink")
+            if not inode.is_reg:
+                # FIFOs/sockets are handled by the guest kernel; opening them here could block
+                # the worker thread.
+                raise _err(errno.ENXIO, "not a regular file")
+            fd = os.open(inode.proc_path, oflags)
+            return self._handles.add(nodeid, fd, False), self._fopen_flags(False)
+
+    @_guard
+    def create(self, ctx: Context, parent: int, name: bytes, mode: int, flags: int,
+               umask: int) -> tuple[Entry, int, int]:
+        name = _check_name(name)
+        mode = _check_int(mode, "mode", 0, 0xFFFFFFFF)
+        umask = _check_int(umask, "umask", 0, 0xFFFFFFFF)
+        oflags = self._open_flags(flags)
+        want_excl = bool(flags & os.O_EXCL)
+        with self._inodes.pin(parent) as p:
+            if not p.is_dir:
+                raise _err(errno.ENOTDIR)
+            fd, created = self._create_open(p, name, oflags, mode & 0o7777 & ~umask, want_excl)
+            try:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    raise _err(errno.EISDIR if stat.S_ISDIR(st.st_mode) else errno.ENXIO)
+                if not oflags & os.O_NONBLOCK:
+                    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+                opath = os.open(f"/proc/self/fd/{fd}", os.O_PATH | os.O_CLOEXEC)
+                if created:
+                    self._chown_new(ctx, p, opath)
+                entry = self._add(opath)
+            except BaseException:
+                os.close(fd)
+                raise
+            fh = self._handles.add(entry.nodeid, fd, False)
+            return entry, fh, self._fopen_flags(False)
+
+    def _create_open(self, p: Inode, name: bytes, oflags: int, mode: int,
+                     want_excl: bool) -> tuple[int, bool]:
+        """Open or create `name`; returns (fd, created). O_EXCL is tried first so that only
+        files we really created get chowned. O_NONBLOCK keeps an existing FIFO from blocking
+        the worker (it is refused after the fstat)."""
+        base = oflags | os.O_NOFOLLOW | os.O_NONBLOCK
+        for _ in range(8):
+            try:
+                fd = syscalls.openat2(p.fd, name, base | os.O_CREAT | os.O_EXCL, mode)
+                return fd, True
+            except OSError as e:
+                if e.errno != errno.EEXIST or want_excl:
+                    raise
+            try:
+                return syscalls.openat2(p.fd, name, base, 0), False
+            except OSError as e:
+                if e.errno != errno.ENOENT:   # removed in between: try to create again
+                    raise
+        raise _err(errno.EAGAIN, "create raced with concurrent unlinks")
+
+    @_guard
+    def read(self, ctx: Context, nodeid: int, fh: int, writer: Writer, size: int,
+             offset: int) -> int:
+        size = _check_int(size, "size", 0, 0xFFFFFFFF)
+        offset = _check_int(offset, "offset")
+        with self._handles.pin(fh, nodeid) as h:
+            total = 0
+            while total < size:
+                n = writer.write_from_fd(h.fd, size - total, offset + total)
+                if n <= 0:
+                    break
+                total += n
+            return total
+
+    @_guard
+    def write(self, ctx: Context, nodeid: int, fh: int, reader: Reader, size: int,
+              offset: int, write_flags: int) -> int:
+        size = _check_int(size, "size", 0, 0xFFFFFFFF)
+        offset = _check_int(offset, "offset")
+        with self._handles.pin(fh, nodeid) as h:
+            total = 0
+            while total < size:
+                n = reader.read_to_fd(h.fd, size - total, offset + total)
+                if n <= 0:
+                    break
+                total += n
+            if write_flags & abi.FUSE_WRITE_KILL_SUIDGID:
+                st = os.fstat(h.fd)
+                kill = stat.S_ISUID | (stat.S_ISGID if st.st_mode & stat.S_IXGRP else 0)
+                if st.st_mode & kill:
+                    os.fchmod(h.fd, stat.S_IMODE(st.st_mode) & ~kill)
+            return total
+
+    @_guard
+    def flush(self, ctx: Context, nodeid: int, fh: int, lock_owner: int) -> None:
+        with self._handles.pin(fh, nodeid) as h:
+            # close() of a duplicate runs the host filesystem's flush-on-close (e.g. NFS)
+            # without giving up our handle.
+            os.close(os.dup(h.fd))
+
+    @_guard
+    def release(self, ctx: Context, nodeid: int, fh: int, flags: int) -> None:
+        self._handles.remove(fh, nodeid, is_dir=False)
+
+    @_guard
+    def fsync(self, ctx: Context, nodeid: int, fh: int, datasync: bool) -> None:
+        with self._handles.pin(fh, nodeid) as h:
+            (os.fdatasync if datasync else os.fsync)(h.fd)
+
+    @_guard
+    def fallocate(self, ctx: Context, nodeid: int, fh: int, mode: int, offset: int,
+                  length: int) -> None:
+        mode = _check_int(mode, "mode", 0, 0xFFFFFFFF)
+        offset = _check_int(offset, "offset")
+        length = _check_int(length, "length", 1)
+        with self._handles.pin(fh, nodeid) as h:
+            syscalls.fallocate(h.fd, mode, offset, length)
+
+    @_guard
+    def lseek(self, ctx: Context, nodeid: int, fh: int, offset: int, whence: int) -> int:
+        if whence not in (os.SEEK_SET, os.SEEK_END, os.SEEK_DATA, os.SEEK_HOLE):
+            raise _err(errno.EINVAL, f"unsupported whence {whence!r}")
+        offset = _check_int(offset, "offset", -(1 << 63))
+        with self._handles.pin(fh, nodeid) as h:
+            # The handle's file position is otherwise unused (all I/O is positional).
+            return os.lseek(h.fd, offset, whence)
+
+    @_guard
+    def copy_file_range(self, ctx: Context, nodeid_in: int, fh_in: int, off_in: int,
+                        nodeid_out: int, fh_out: int, off_out: int, length: int,
+                        flags: int) -> int:
+        if flags != 0:
+            raise _err(errno.EINVAL, "copy_file_range flags must be 0")
+        off_in = _check_int(off_in, "off_in")
+        off_out = _check_int(off_out, "off_out")
+        length = min(_check_int(length, "length", 0, (1 << 64) - 1), 1 << 30)
+        with self._handles.pin(fh_in, nodeid_in) as hin, \
+                self._handles.pin(fh_out, nodeid_out) as hout:
+            return os.copy_file_range(hin.fd, hout.fd, length, off_in, off_out)
+
+    # ------------------------------------------------------------------ directories
+
+    @_guard
+    def opendir(self, ctx: Context, nodeid: int, flags: int) -> tuple[int, int]:
+        with self._inodes.pin(nodeid) as inode:
+            if not inode.is_dir:
+                raise _err(errno.ENOTDIR)
+            fd = os.open(inode.proc_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            return self._handles.add(nodeid, fd, True), self._fopen_flags(True)
+
+    def _snapshot(self, nodeid: int, fh: int, offset: int) -> list[tuple[int, int, bytes]]:
+        """Directory listing for READDIR at `offset`. The snapshot is (re)taken at offset 0 and
+        offsets are indices into it, so a guest resuming at any offset it was given sees a
+        consistent listing even if the directory changes meanwhile."""
+        with self._handles.pin(fh, nodeid, is_dir=True) as h:
+            with h.lock:
+                if offset == 0 or h.entries is None:
+                    os.lseek(h.fd, 0, os.SEEK_SET)
+                    h.entries = list(syscalls.getdents64(h.fd))
+                return h.entries
+
+    @_guard
+    def readdir(self, ctx: Context, nodeid: int, fh: int, offset: int) -> Iterator[DirEntry]:
+        offset = _check_int(offset, "offset")
+        entries = self._snapshot(nodeid, fh, offset)
+        return _guard_iter("readdir", self._iter_readdir(entries, offset))
+
+    @staticmethod
+    def _iter_readdir(entries: list[tuple[int, int, bytes]], offset: int) -> Iterator[DirEntry]:
+        for i in range(offset, len(entries)):
+            ino, dtype, name = entries[i]
+            yield DirEntry(ino, i + 1, dtype, name)
+
+    @_guard
+    def readdirplus(self, ctx: Context, nodeid: int, fh: int, offset: int
+                    ) -> Iterator[tuple[DirEntry, Entry]]:
+        offset = _check_int(offset, "offset")
+        entries = self._snapshot(nodeid, fh, offset)
+        return _guard_iter("readdirplus", self._iter_readdirplus(nodeid, entries, offset))
+
+    def _iter_readdirplus(self, nodeid: int, entries: list[tuple[int, int, bytes]],
+                          offset: int) -> Iterator[tuple[DirEntry, Entry]]:
+        """Lazily look up each entry, so that only entries the server pulls get a lookup count
+        (the server forgets the last one if it does not fit)."""
+        sent = 0
+        for i in range(offset, len(entries)):
+            ino, dtype, name = entries[i]
+            if name in (b".", b".."):
+                # The guest ignores these in READDIRPLUS; nodeid 0 means "no lookup".
+                yield (DirEntry(ino, i + 1, dtype, name),
+                       Entry(nodeid=0, generation=0, attr=None, entry_timeout=0.0,
+                             attr_timeout=0.0))
+                sent += 1
+                continue
+            try:
+                with self._inodes.pin(nodeid) as p:
+                    entry = self._do_lookup(p, _check_name(name))
+            except OSError as e:
+                if e.errno == errno.ENOENT:
+                    continue            # removed since the snapshot
+                if sent == 0:
+                    raise
+                # Stop here; the guest resumes at this entry and then sees the error.
+                logger.debug("readdirplus stops at %r: %s", name, e)
+                return
+            st = entry.attr
+            assert st is not None
+            yield DirEntry(st.st_ino, i + 1, _dt_from_mode(st.st_mode), name), entry
+            sent += 1
+
+    @_guard
+    def releasedir(self, ctx: Context, nodeid: int, fh: int) -> None:
+        self._handles.remove(fh, nodeid, is_dir=True)
+
+    @_guard
+    def fsyncdir(self, ctx: Context, nodeid: int, fh: int, datasync: bool) -> None:
+        with self._handles.pin(fh, nodeid, is_dir=True) as h:
+            (os.fdatasync if datasync else os.fsync)(h.fd)
+
+    # ------------------------------------------------------------------ misc
+
+    @_guard
+    def statfs(self, ctx: Context, nodeid: int) -> os.statvfs_result:
+        with self._inodes.pin(nodeid) as inode:
+            return os.fstatvfs(inode.fd)
+
+    @_guard
+    def access(self, ctx: Context, nodeid: int, mask: int) -> None:
+        """Emulated permission check for ctx (owner/group/other bits; uid 0 may do anything
+        except execute a file with no x bit). Only sent when the guest mounts without
+        default_permissions."""
+        mask = _check_int(mask, "mask", 0, 0xFFFFFFFF)
+        if mask & ~(os.R_OK | os.W_OK | os.X_OK):
+            raise _err(errno.EINVAL)
+        with self._inodes.pin(nodeid) as inode:
+            st = os.fstat(inode.fd)
+        if mask == os.F_OK:
+            return
+        if ctx.uid == 0:
+            if mask & os.X_OK and not stat.S_ISDIR(st.st_mode) and not st.st_mode & 0o111:
+                raise _err(errno.EACCES)
+            return
+        if st.st_uid == ctx.uid:
+            bits = (st.st_mode >> 6) & 7
+        elif st.st_gid == ctx.gid:
+            bits = (st.st_mode >> 3) & 7
+        else:
+            bits = st.st_mode & 7
+        if mask & ~bits:
+            raise _err(errno.EACCES)
+
+    def _xattr_path(self, inode: Inode, modifying: bool) -> str:
+        """xattr syscalls do not accept O_PATH fds; the magic link reaches exactly the inode.
+        Only regular files and directories carry our xattrs (a symlink's /proc path would
+        otherwise be refused by the kernel in confusing ways)."""
+        if not (inode.is_reg or inode.is_dir):
+            raise _err(errno.EPERM if modifying else errno.ENOTSUP)
+        return inode.proc_path
+
+    @_guard
+    def setxattr(self, ctx: Context, nodeid: int, name: bytes, value: bytes, flags: int) -> None:
+        name = _check_xattr_name(name)
+        value = bytes(value)
+        if len(value) > XATTR_SIZE_MAX:
+            raise _err(errno.E2BIG)
+        if flags not in (0, _XATTR_CREATE, _XATTR_REPLACE):
+            raise _err(errno.EINVAL, "bad setxattr flags")
+        with self._inodes.pin(nodeid) as inode:
+            os.setxattr(self._xattr_path(inode, True), name, value, flags)
+
+    @_guard
+    def getxattr(self, ctx: Context, nodeid: int, name: bytes, size: int) -> bytes | int:
+        name = _check_xattr_name(name)
+        size = _check_int(size, "size", 0, 0xFFFFFFFF)
+        with self._inodes.pin(nodeid) as inode:
+            value = os.getxattr(self._xattr_path(inode, False), name)
+        if size == 0:
+            return len(value)
+        if len(value) > size:
+            raise _err(errno.ERANGE)
+        return value
+
+    @_guard
+    def listxattr(self, ctx: Context, nodeid: int, size: int) -> bytes | int:
+        size = _check_int(size, "size", 0, 0xFFFFFFFF)
+        with self._inodes.pin(nodeid) as inode:
+            names = os.listxattr(self._xattr_path(inode, False))
+        data = b"".join(os.fsencode(n) + b"\0" for n in names)
+        if size == 0:
+            return len(data)
+        if len(data) > size:
+            raise _err(errno.ERANGE)
+        return data
+
+    @_guard
+    def removexattr(self, ctx: Context, nodeid: int, name: bytes) -> None:
+        name = _check_xattr_name(name)
+        with self._inodes.pin(nodeid) as inode:
+            os.removexattr(self._xattr_path(inode, True), name)
+
+
+__all__ = ["PassthroughFs", "ROOT_ID"]

@@ -1,0 +1,154 @@
+"""Thin ctypes wrappers for the Linux *at syscalls the passthrough needs and `os` lacks.
+
+Python's `os` module has no openat2, renameat2, getdents64, AT_EMPTY_PATH variants of
+utimensat/fchownat/linkat, or fallocate with a mode. Those are exactly the calls that let the
+server act on an O_PATH fd without ever handing a path string to the kernel, which is what keeps
+guest requests inside the shared directory. Every wrapper raises OSError with the real errno.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import struct
+from typing import Iterator
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+# x86_64 syscall numbers (the VMM is x86_64-only).
+SYS_getdents64 = 217
+SYS_renameat2 = 316
+SYS_openat2 = 437
+
+AT_FDCWD = -100
+AT_SYMLINK_NOFOLLOW = 0x100
+AT_SYMLINK_FOLLOW = 0x400
+AT_EMPTY_PATH = 0x1000
+
+RESOLVE_NO_XDEV = 0x01
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
+RESOLVE_IN_ROOT = 0x10
+
+RENAME_NOREPLACE = 1 << 0
+RENAME_EXCHANGE = 1 << 1
+RENAME_WHITEOUT = 1 << 2
+
+UTIME_NOW = (1 << 30) - 1
+UTIME_OMIT = (1 << 30) - 2
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+def _raise_errno(what: str) -> None:
+    e = ctypes.get_errno()
+    raise OSError(e, f"{what}: {os.strerror(e)}")
+
+
+def _path(name: bytes | str) -> bytes:
+    b = os.fsencode(name)
+    if b"\0" in b:
+        raise OSError(errno.EINVAL, "embedded NUL in name")
+    return b
+
+
+_openat2_missing = False
+
+
+def openat2(dirfd: int, name: bytes, flags: int, mode: int = 0,
+            resolve: int = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS) -> int:
+    """openat2(2) with `resolve` restrictions; falls back to openat(O_NOFOLLOW) on ENOSYS.
+
+    The fallback is only as safe as the caller's name check (one component, no '..', no '/'),
+    which every caller in this package performs first.
+    """
+    global _openat2_missing
+    if not _openat2_missing:
+        how = _OpenHow(flags | os.O_CLOEXEC, mode, resolve)
+        fd = _libc.syscall(SYS_openat2, ctypes.c_int(dirfd), _path(name), ctypes.byref(how),
+                           ctypes.c_size_t(ctypes.sizeof(how)))
+        if fd >= 0:
+            return fd
+        e = ctypes.get_errno()
+        if e != errno.ENOSYS:
+            raise OSError(e, f"openat2: {os.strerror(e)}")
+        _openat2_missing = True
+    return os.open(_path(name), flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dirfd)
+
+
+def renameat2(olddirfd: int, oldname: bytes, newdirfd: int, newname: bytes, flags: int) -> None:
+    r = _libc.syscall(SYS_renameat2, ctypes.c_int(olddirfd), _path(oldname), ctypes.c_int(newdirfd),
+                      _path(newname), ctypes.c_uint(flags))
+    if r < 0:
+        e = ctypes.get_errno()
+        if e == errno.ENOSYS and flags == 0:
+            os.rename(oldname, newname, src_dir_fd=olddirfd, dst_dir_fd=newdirfd)
+            return
+        raise OSError(e, f"renameat2: {os.strerror(e)}")
+
+
+def linkat(olddirfd: int, oldname: bytes, newdirfd: int, newname: bytes, flags: int) -> None:
+    if _libc.linkat(ctypes.c_int(olddirfd), _path(oldname), ctypes.c_int(newdirfd),
+                    _path(newname), ctypes.c_int(flags)) != 0:
+        _raise_errno("linkat")
+
+
+def fchownat_empty(fd: int, uid: int, gid: int) -> None:
+    """Change owner of the inode an (O_PATH) fd refers to, without following symlinks.
+
+    uid/gid of -1 leave that id unchanged.
+    """
+    if _libc.fchownat(ctypes.c_int(fd), b"", ctypes.c_uint32(uid & 0xFFFFFFFF),
+                      ctypes.c_uint32(gid & 0xFFFFFFFF),
+                      ctypes.c_int(AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW)) != 0:
+        _raise_errno("fchownat")
+
+
+def utimensat_empty(fd: int, atime: tuple[int, int], mtime: tuple[int, int]) -> None:
+    """Set times of the inode an (O_PATH) fd refers to. Each time is (sec, nsec) or
+    (0, UTIME_NOW) / (0, UTIME_OMIT)."""
+    ts = (_Timespec * 2)(_Timespec(*atime), _Timespec(*mtime))
+    if _libc.utimensat(ctypes.c_int(fd), b"", ts,
+                       ctypes.c_int(AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW)) != 0:
+        _raise_errno("utimensat")
+
+
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        _raise_errno("fallocate")
+
+
+_DIRENT_HDR = struct.Struct("<QqHB")   # d_ino, d_off, d_reclen, d_type; then NUL-terminated name
+
+
+def getdents64(fd: int, bufsize: int = 64 * 1024) -> Iterator[tuple[int, int, bytes]]:
+    """Yield (d_ino, d_type, name) for every entry of the open directory fd, from its current
+    position to the end. Includes "." and ".." as the kernel reports them."""
+    buf = ctypes.create_string_buffer(bufsize)
+    while True:
+        n = _libc.syscall(SYS_getdents64, ctypes.c_int(fd), buf, ctypes.c_uint(bufsize))
+        if n < 0:
+            _raise_errno("getdents64")
+        if n == 0:
+            return
+        data = buf.raw[:n]
+        pos = 0
+        while pos < n:
+            d_ino, _d_off, reclen, d_type = _DIRENT_HDR.unpack_from(data, pos)
+            if reclen < _DIRENT_HDR.size or pos + reclen > n:
+                raise OSError(errno.EIO, "corrupt getdents64 record")
+            name = data[pos + _DIRENT_HDR.size:pos + reclen].split(b"\0", 1)[0]
+            pos += reclen
+            yield d_ino, d_type, name
