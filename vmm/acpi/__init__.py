@@ -58,6 +58,28 @@ def _align_up(value: int, align: int) -> int:
     return (value + align - 1) & ~(align - 1)
 
 
+class TableArena:
+    """First-fit placement of tables in [start, end), each aligned to TABLE_ALIGN."""
+
+    def __init__(self, start: int, end: int) -> None:
+        self.start = start
+        self.end = end
+        self._cursor = _align_up(start, TABLE_ALIGN)
+        self.tables: dict[str, tuple[int, bytes]] = {}
+
+    def place(self, signature: str, data: bytes) -> int:
+        """Reserve room for `data` and return its guest-physical address; ValueError if it does not fit."""
+        addr = self._cursor
+        if addr + len(data) > self.end:
+            raise ValueError(
+                f"ACPI tables do not fit in [{self.start:#x}, {self.end:#x}): "
+                f"{signature} ({len(data)} bytes) would end at {addr + len(data):#x}"
+            )
+        self.tables[signature] = (addr, data)
+        self._cursor = _align_up(addr + len(data), TABLE_ALIGN)
+        return addr
+
+
 def build_acpi_tables(vcpus: int, virtio_devices: list[tuple[int, int, int]]) -> AcpiTables:
     """Build the guest's ACPI tables.
 
@@ -69,29 +91,20 @@ def build_acpi_tables(vcpus: int, virtio_devices: list[tuple[int, int, int]]) ->
         raise ValueError(f"vcpus must be an integer in 1..{MAX_VCPUS}, got {vcpus!r}")
     windows = []
     for i, dev in enumerate(virtio_devices):
-        if len(dev) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) for v in dev):
-            raise ValueError(f"virtio device {i}: expected (mmio_base, mmio_size, gsi) integers, got {dev!r}")
-        windows.append(VirtioMmioWindow(*dev))
+        try:
+            base, size, gsi = dev
+        except (TypeError, ValueError):
+            raise ValueError(f"virtio device {i}: expected (mmio_base, mmio_size, gsi), got {dev!r}") from None
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (base, size, gsi)):
+            raise ValueError(f"virtio device {i}: expected integers, got {dev!r}")
+        windows.append(VirtioMmioWindow(base, size, gsi))
 
-    tables: dict[str, tuple[int, bytes]] = {}
-    cursor = _align_up(RSDP_ADDR + RSDP_SIZE, TABLE_ALIGN)
-
-    def place(signature: str, data: bytes) -> int:
-        nonlocal cursor
-        addr = cursor
-        if addr + len(data) > ACPI_AREA_END:
-            raise ValueError(
-                f"ACPI tables do not fit in [{ACPI_AREA_START:#x}, {ACPI_AREA_END:#x}): "
-                f"{signature} ({len(data)} bytes) would end at {addr + len(data):#x}"
-            )
-        tables[signature] = (addr, data)
-        cursor = _align_up(addr + len(data), TABLE_ALIGN)
-        return addr
-
-    dsdt_addr = place("DSDT", build_dsdt(windows))
-    fadt_addr = place("FACP", build_fadt(dsdt_addr))
-    madt_addr = place("APIC", build_madt(vcpus))
-    xsdt_addr = place("XSDT", build_xsdt([fadt_addr, madt_addr]))
+    arena = TableArena(_align_up(RSDP_ADDR + RSDP_SIZE, TABLE_ALIGN), ACPI_AREA_END)
+    dsdt_addr = arena.place("DSDT", build_dsdt(windows))
+    fadt_addr = arena.place("FACP", build_fadt(dsdt_addr))
+    madt_addr = arena.place("APIC", build_madt(vcpus))
+    xsdt_addr = arena.place("XSDT", build_xsdt([fadt_addr, madt_addr]))
+    tables = dict(arena.tables)
     tables["RSD PTR "] = (RSDP_ADDR, build_rsdp(xsdt_addr))
 
     blobs = sorted(tables.values())
