@@ -55,7 +55,7 @@ class AcpiPmDevice:
         """Sleep status: WAK_STS if a (non-S5) sleep request completed, else 0. Bad accesses read all ones."""
         if offset != 0 or not 1 <= size <= 8:
             self._log_unknown(f"read offset={offset} size={size}")
-            return b"\xff" * max(0, min(size, 8))
+            return b"\xff" * max(0, size)
         with self._lock:
             status = WAK_STS if self._wake_status else 0
         return bytes([status]) + bytes(size - 1)
