@@ -12,6 +12,7 @@ uses 640K-1M as RAM anyway, but saying so keeps the tables safe from any reading
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -20,6 +21,8 @@ from vmm.acpi.fadt import build_fadt
 from vmm.acpi.madt import MAX_VCPUS, build_madt
 from vmm.acpi.rsdp import RSDP_SIZE, build_rsdp
 from vmm.acpi.xsdt import build_xsdt
+
+logger = logging.getLogger(__name__)
 
 ACPI_AREA_START = 0xE0000
 ACPI_AREA_END = 0x100000
@@ -31,6 +34,7 @@ __all__ = [
     "ACPI_AREA_START",
     "RSDP_ADDR",
     "AcpiTables",
+    "TableArena",
     "build_acpi_tables",
 ]
 
@@ -108,4 +112,8 @@ def build_acpi_tables(vcpus: int, virtio_devices: list[tuple[int, int, int]]) ->
     tables["RSD PTR "] = (RSDP_ADDR, build_rsdp(xsdt_addr))
 
     blobs = sorted(tables.values())
+    logger.debug(
+        "ACPI tables: %s",
+        ", ".join(f"{sig.strip()}@{addr:#x}+{len(data)}" for sig, (addr, data) in sorted(tables.items(), key=lambda kv: kv[1][0])),
+    )
     return AcpiTables(blobs=blobs, rsdp_addr=RSDP_ADDR, tables=tables)
