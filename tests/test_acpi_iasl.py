@@ -97,6 +97,16 @@ def test_table_disassembles_cleanly_and_round_trips(tmp_path: Path, config: str,
     check_sdt(tmp_path, sig.lower(), table)
 
 
+@pytest.mark.parametrize("sig", ["DSDT", "FACP"])
+def test_tables_without_i8042(tmp_path: Path, sig: str) -> None:
+    _, table = build_acpi_tables(2, VIRTIO, i8042=False).tables[sig]
+    dsl = check_sdt(tmp_path, sig.lower(), table)
+    if sig == "DSDT":
+        assert "PNP0303" not in dsl and "Device (_SB.V002)" in dsl
+    else:
+        assert re.search(r"8042 Present on ports 60/64 \(V2\) : 0", dsl), dsl
+
+
 def test_madt_with_optional_entries(tmp_path: Path) -> None:
     dsl = check_sdt(tmp_path, "apic", build_madt(2, irq0_override=True, lapic_nmi=True))
     assert "Interrupt Source Override" in dsl

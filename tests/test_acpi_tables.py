@@ -219,3 +219,17 @@ def test_arena_refuses_tables_that_do_not_fit() -> None:
     assert arena.place("BBBB", bytes(0x20)) == 0x1020
     with pytest.raises(ValueError, match="do not fit"):
         arena.place("CCCC", bytes(1))
+
+
+def test_without_i8042() -> None:
+    """i8042=False: no PNP0303 device and the FADT 8042 bit clear, so Linux does not probe it."""
+    with_kbd = build_acpi_tables(1, VIRTIO)
+    without = build_acpi_tables(1, VIRTIO, i8042=False)
+    assert b"PS2_" in with_kbd.tables["DSDT"][1]
+    assert b"PS2_" not in without.tables["DSDT"][1]
+    assert bytes.fromhex("0c41d00303") not in without.tables["DSDT"][1]  # EISAID PNP0303
+    boot_arch = struct.unpack_from("<H", without.tables["FACP"][1], 109)[0]
+    assert boot_arch & 0b10 == 0
+    assert boot_arch == fadt_mod.IAPC_BOOT_ARCH & ~0b10
+    for _, table in without.blobs:
+        assert sum(table) & 0xFF == 0

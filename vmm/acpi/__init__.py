@@ -84,12 +84,16 @@ class TableArena:
         return addr
 
 
-def build_acpi_tables(vcpus: int, virtio_devices: list[tuple[int, int, int]]) -> AcpiTables:
+def build_acpi_tables(
+    vcpus: int, virtio_devices: list[tuple[int, int, int]], *, i8042: bool = True
+) -> AcpiTables:
     """Build the guest's ACPI tables.
 
     `vcpus`: 1..255. `virtio_devices`: (mmio_base, mmio_size, gsi) per virtio-mmio transport, in the
-    order the devices should be named (_SB_.V000, V001, ...). Raises ValueError for bad input or
-    tables that do not fit the area.
+    order the devices should be named (_SB_.V000, V001, ...). `i8042`: describe the keyboard
+    controller (PNP0303 + FADT 8042 bit); with False Linux skips its i8042 probe entirely, which
+    only makes sense while the VMM's i8042 does nothing but reset (see vmm/acpi/fadt.py).
+    Raises ValueError for bad input or tables that do not fit the area.
     """
     if isinstance(vcpus, bool) or not isinstance(vcpus, int) or not 1 <= vcpus <= MAX_VCPUS:
         raise ValueError(f"vcpus must be an integer in 1..{MAX_VCPUS}, got {vcpus!r}")
@@ -104,8 +108,8 @@ def build_acpi_tables(vcpus: int, virtio_devices: list[tuple[int, int, int]]) ->
         windows.append(VirtioMmioWindow(base, size, gsi))
 
     arena = TableArena(_align_up(RSDP_ADDR + RSDP_SIZE, TABLE_ALIGN), ACPI_AREA_END)
-    dsdt_addr = arena.place("DSDT", build_dsdt(windows))
-    fadt_addr = arena.place("FACP", build_fadt(dsdt_addr))
+    dsdt_addr = arena.place("DSDT", build_dsdt(windows, i8042=i8042))
+    fadt_addr = arena.place("FACP", build_fadt(dsdt_addr, i8042=i8042))
     madt_addr = arena.place("APIC", build_madt(vcpus))
     xsdt_addr = arena.place("XSDT", build_xsdt([fadt_addr, madt_addr]))
     tables = dict(arena.tables)

@@ -4,7 +4,7 @@ Contents (shapes follow Firecracker's DSDT, see the x86-boot-and-acpi reference 
 - `\\_S5_` Package{5, 0, 0, 0}: the soft-off sleep type the AcpiPmDevice recognises. Together with the
   FADT sleep registers this is what makes Linux register ACPI power-off in HW-reduced mode.
 - `_SB_.COM1`: the 16550 at 0x3F8, IRQ 4 (PNP0501).
-- `_SB_.PS2_`: the i8042 at 0x60/0x64, IRQ 1 (PNP0303).
+- `_SB_.PS2_`: the i8042 at 0x60/0x64, IRQ 1 (PNP0303); optional, see vmm/acpi/fadt.py.
 - `_SB_.Vnnn`: one LNRO0005 (virtio-mmio) device per window, with an edge-triggered, active-high,
   exclusive Extended Interrupt: the VMM signals it through an irqfd, which is an edge.
 """
@@ -113,8 +113,9 @@ def virtio_mmio_aml(index: int, window: VirtioMmioWindow) -> bytes:
     )
 
 
-def build_dsdt(windows: list[VirtioMmioWindow]) -> bytes:
+def build_dsdt(windows: list[VirtioMmioWindow], *, i8042: bool = True) -> bytes:
+    """The DSDT; `i8042=False` leaves out PS2_ so Linux does not probe the keyboard controller."""
     validate_virtio_windows(windows)
-    body = s5_aml() + com1_aml() + ps2_aml()
+    body = s5_aml() + com1_aml() + (ps2_aml() if i8042 else b"")
     body += b"".join(virtio_mmio_aml(i, w) for i, w in enumerate(windows))
     return build_sdt(b"DSDT", DSDT_REVISION, b"PYVMDSDT", body)

@@ -9,6 +9,9 @@ IAPC_BOOT_ARCH (offset 109) choices:
   it as PNP0303. With the PNP device present Linux's i8042 driver probes the controller whatever this
   bit says (i8042_pnp_init finds it); the bit only matters without the PNP device, where a clear bit
   makes Linux treat the controller as absent. Setting it keeps the FADT and the DSDT consistent.
+  With `i8042=False` (no PS2_ in the DSDT) the bit is clear and Linux >= 4.10 does not probe at all
+  ("PNP: No PS/2 controller found"), which avoids a ~0.5 s CTR-read timeout against a controller
+  stub that only implements the reset command; reboot=k still works (it writes port 0x64 directly).
 - bit 2 (VGA not present) set: there is no VGA; Linux must not probe for one.
 - bit 5 (CMOS RTC not present) set: the VMM has no RTC at 0x70/0x71, so Linux should not register the
   rtc_cmos platform device (the wall clock comes from kvmclock).
@@ -47,6 +50,7 @@ IAPC_MSI_NOT_SUPPORTED = 1 << 3
 IAPC_PCIE_ASPM_CONTROLS = 1 << 4
 IAPC_CMOS_RTC_NOT_PRESENT = 1 << 5
 IAPC_BOOT_ARCH = IAPC_8042 | IAPC_VGA_NOT_PRESENT | IAPC_CMOS_RTC_NOT_PRESENT
+IAPC_BOOT_ARCH_NO_8042 = IAPC_BOOT_ARCH & ~IAPC_8042
 
 # Flags bits.
 FLAG_PWR_BUTTON = 1 << 4  # no fixed-feature power button
@@ -68,12 +72,15 @@ def gas_io8(port: int) -> bytes:
     return GAS.pack(GAS_SPACE_SYSTEM_IO, 8, 0, GAS_ACCESS_BYTE, port)
 
 
-def build_fadt(dsdt_addr: int) -> bytes:
-    """A revision-6 FADT whose X_DSDT points at `dsdt_addr` (the 32-bit DSDT field stays 0)."""
+def build_fadt(dsdt_addr: int, *, i8042: bool = True) -> bytes:
+    """A revision-6 FADT whose X_DSDT points at `dsdt_addr` (the 32-bit DSDT field stays 0).
+
+    `i8042=False` clears the 8042 boot-architecture bit (use it together with a DSDT without PS2_).
+    """
     if not 0 < dsdt_addr < 1 << 64:
         raise ValueError(f"DSDT address {dsdt_addr:#x} out of range")
     table = bytearray(FADT_SIZE)
-    struct.pack_into("<H", table, IAPC_BOOT_ARCH_OFFSET, IAPC_BOOT_ARCH)
+    struct.pack_into("<H", table, IAPC_BOOT_ARCH_OFFSET, IAPC_BOOT_ARCH if i8042 else IAPC_BOOT_ARCH_NO_8042)
     struct.pack_into("<I", table, FLAGS_OFFSET, FLAGS)
     table[RESET_REG_OFFSET:RESET_REG_OFFSET + GAS.size] = gas_io8(ACPI_PM_IO_BASE)
     table[RESET_VALUE_OFFSET] = RESET_VALUE
