@@ -1,0 +1,216 @@
+"""The interface a filesystem implements to be served by :class:`fuse.server.Server`.
+
+The server does all wire decoding and validation; a filesystem sees plain Python values.
+Errors are raised as ``OSError`` with ``.errno`` and become ``-errno`` replies.  Every method
+raises ``OSError(ENOSYS)`` by default, so a filesystem implements only what it supports and
+the guest learns the rest is missing (Linux stops sending some ops after one ENOSYS).
+
+Names reaching a filesystem were checked by the server: NUL stripped, non-empty, no ``/``, no
+NUL, and never ``.``/``..`` where an entry would be created, removed or renamed.  A
+filesystem should still re-check (defence in depth).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass
+from typing import Iterator, NamedTuple
+
+from .io import Reader, Writer
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """Credentials of the guest process that caused the request (from fuse_in_header)."""
+
+    uid: int
+    gid: int
+    pid: int
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """Result of a lookup-like operation.
+
+    ``nodeid == 0`` is a *negative* entry: the guest caches "does not exist" for
+    ``entry_timeout`` seconds without asking again (the reply is error=0, nodeid=0).  Each
+    positive entry the server sends counts as one lookup the guest will later FORGET.
+    """
+
+    nodeid: int
+    generation: int
+    attr: os.stat_result | None
+    entry_timeout: float
+    attr_timeout: float
+
+    @classmethod
+    def negative(cls, timeout: float) -> "Entry":
+        return cls(nodeid=0, generation=0, attr=None, entry_timeout=timeout, attr_timeout=0.0)
+
+
+class DirEntry(NamedTuple):
+    """One directory entry: ``offset`` is the cookie of the *next* entry (where to resume)."""
+
+    ino: int
+    offset: int
+    type: int  # DT_* (see fuse.abi)
+    name: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SetattrRequest:
+    """Decoded fuse_setattr_in; only fields whose FATTR_* bit is in ``valid`` are meaningful.
+
+    ``fh`` is set only with FATTR_FH.  Times are nanoseconds since the epoch; ``*_now`` mean
+    "use the current time" (FATTR_ATIME_NOW / FATTR_MTIME_NOW).
+    """
+
+    valid: int
+    fh: int | None
+    size: int
+    mode: int
+    uid: int
+    gid: int
+    atime_ns: int
+    mtime_ns: int
+    atime_now: bool
+    mtime_now: bool
+
+
+def _enosys() -> OSError:
+    return OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+
+
+class FileSystem:
+    """Base class: every operation answers ENOSYS until a subclass overrides it."""
+
+    def init(self, capable: int) -> int:
+        """Called on FUSE_INIT with the guest's capability flags; returns the FUSE_* flags wanted."""
+        raise _enosys()
+
+    def destroy(self) -> None:
+        raise _enosys()
+
+    def lookup(self, ctx: Context, parent: int, name: bytes) -> Entry:
+        raise _enosys()
+
+    def forget(self, nodeid: int, nlookup: int) -> None:
+        raise _enosys()
+
+    def batch_forget(self, items: list[tuple[int, int]]) -> None:
+        raise _enosys()
+
+    def getattr(self, ctx: Context, nodeid: int, fh: int | None) -> tuple[os.stat_result, float]:
+        raise _enosys()
+
+    def setattr(self, ctx: Context, nodeid: int, req: SetattrRequest
+                ) -> tuple[os.stat_result, float]:
+        raise _enosys()
+
+    def readlink(self, ctx: Context, nodeid: int) -> bytes:
+        raise _enosys()
+
+    def symlink(self, ctx: Context, parent: int, name: bytes, target: bytes) -> Entry:
+        raise _enosys()
+
+    def mknod(self, ctx: Context, parent: int, name: bytes, mode: int, rdev: int,
+              umask: int) -> Entry:
+        """``rdev`` is the guest's 32-bit ``new_encode_dev`` value, equal to glibc's
+        ``os.makedev`` encoding for majors < 4096."""
+        raise _enosys()
+
+    def mkdir(self, ctx: Context, parent: int, name: bytes, mode: int, umask: int) -> Entry:
+        raise _enosys()
+
+    def unlink(self, ctx: Context, parent: int, name: bytes) -> None:
+        raise _enosys()
+
+    def rmdir(self, ctx: Context, parent: int, name: bytes) -> None:
+        raise _enosys()
+
+    def rename(self, ctx: Context, parent: int, name: bytes, newparent: int, newname: bytes,
+               flags: int) -> None:
+        """``flags`` are RENAME_* (0 for plain FUSE_RENAME)."""
+        raise _enosys()
+
+    def link(self, ctx: Context, nodeid: int, newparent: int, newname: bytes) -> Entry:
+        raise _enosys()
+
+    def open(self, ctx: Context, nodeid: int, flags: int) -> tuple[int, int]:
+        """Returns ``(fh, FOPEN_* flags)``."""
+        raise _enosys()
+
+    def create(self, ctx: Context, parent: int, name: bytes, mode: int, flags: int,
+               umask: int) -> tuple[Entry, int, int]:
+        """Returns ``(entry, fh, FOPEN_* flags)``."""
+        raise _enosys()
+
+    def read(self, ctx: Context, nodeid: int, fh: int, writer: Writer, size: int,
+             offset: int) -> int:
+        """Move up to ``size`` bytes into ``writer`` (``writer.write_from_fd``); return the count."""
+        raise _enosys()
+
+    def write(self, ctx: Context, nodeid: int, fh: int, reader: Reader, size: int,
+              offset: int, write_flags: int) -> int:
+        """Move ``size`` bytes from ``reader`` (``reader.read_to_fd``); return the count."""
+        raise _enosys()
+
+    def flush(self, ctx: Context, nodeid: int, fh: int, lock_owner: int) -> None:
+        raise _enosys()
+
+    def release(self, ctx: Context, nodeid: int, fh: int, flags: int) -> None:
+        raise _enosys()
+
+    def fsync(self, ctx: Context, nodeid: int, fh: int, datasync: bool) -> None:
+        raise _enosys()
+
+    def opendir(self, ctx: Context, nodeid: int, flags: int) -> tuple[int, int]:
+        raise _enosys()
+
+    def readdir(self, ctx: Context, nodeid: int, fh: int, offset: int) -> Iterator[DirEntry]:
+        """Entries from ``offset`` on; the server stops consuming when the reply is full."""
+        raise _enosys()
+
+    def readdirplus(self, ctx: Context, nodeid: int, fh: int, offset: int
+                    ) -> Iterator[tuple[DirEntry, Entry]]:
+        """Like readdir with a looked-up Entry each; unsent entries are forgotten by the server."""
+        raise _enosys()
+
+    def releasedir(self, ctx: Context, nodeid: int, fh: int) -> None:
+        raise _enosys()
+
+    def fsyncdir(self, ctx: Context, nodeid: int, fh: int, datasync: bool) -> None:
+        raise _enosys()
+
+    def statfs(self, ctx: Context, nodeid: int) -> os.statvfs_result:
+        raise _enosys()
+
+    def access(self, ctx: Context, nodeid: int, mask: int) -> None:
+        raise _enosys()
+
+    def setxattr(self, ctx: Context, nodeid: int, name: bytes, value: bytes, flags: int) -> None:
+        raise _enosys()
+
+    def getxattr(self, ctx: Context, nodeid: int, name: bytes, size: int) -> bytes | int:
+        """``size == 0``: return the value's length; else the value (ERANGE if longer)."""
+        raise _enosys()
+
+    def listxattr(self, ctx: Context, nodeid: int, size: int) -> bytes | int:
+        """NUL-separated names; same size rule as getxattr."""
+        raise _enosys()
+
+    def removexattr(self, ctx: Context, nodeid: int, name: bytes) -> None:
+        raise _enosys()
+
+    def fallocate(self, ctx: Context, nodeid: int, fh: int, mode: int, offset: int,
+                  length: int) -> None:
+        raise _enosys()
+
+    def lseek(self, ctx: Context, nodeid: int, fh: int, offset: int, whence: int) -> int:
+        raise _enosys()
+
+    def copy_file_range(self, ctx: Context, nodeid_in: int, fh_in: int, off_in: int,
+                        nodeid_out: int, fh_out: int, off_out: int, length: int,
+                        flags: int) -> int:
+        raise _enosys()
