@@ -111,6 +111,12 @@ class FakeDriverQueue:
         self.avail_idx = 0
         self.next_desc = 0
 
+    def reset(self) -> None:
+        """Forget everything, as a driver re-initialising the rings after a device reset does."""
+        self.memory.write(self.desc, bytes(self.end - self.desc))
+        self.avail_idx = 0
+        self.next_desc = 0
+
     # -- buffers ------------------------------------------------------------------------------
     def alloc(self, data: bytes | int) -> int:
         """Place `data` (or reserve `data` zero bytes) in the heap; returns its guest address."""
@@ -185,3 +191,62 @@ class FakeDriverQueue:
 
     def set_avail_flags(self, flags: int) -> None:
         self.memory.write_u16(self.avail, flags)
+
+
+# virtio_config.h status bits, repeated here so the fake driver does not depend on device code
+_ACK, _DRIVER, _DRIVER_OK, _FEATURES_OK = 1, 2, 4, 8
+
+
+class MmioDriver:
+    """Does what Linux's virtio_mmio.c does, through 32-bit MMIO accesses."""
+
+    def __init__(self, t) -> None:
+        self.t = t
+
+    def r(self, off: int) -> int:
+        return struct.unpack("<I", self.t.read(off, 4))[0]
+
+    def w(self, off: int, value: int) -> None:
+        self.t.write(off, struct.pack("<I", value))
+
+    def device_features(self) -> int:
+        self.w(0x14, 0)
+        low = self.r(0x10)
+        self.w(0x14, 1)
+        return low | self.r(0x10) << 32
+
+    def set_driver_features(self, features: int) -> None:
+        self.w(0x24, 0)
+        self.w(0x20, features & 0xFFFFFFFF)
+        self.w(0x24, 1)
+        self.w(0x20, features >> 32)
+
+    def negotiate(self, features: int) -> int:
+        self.w(0x70, 0)
+        self.w(0x70, _ACK)
+        self.w(0x70, _ACK | _DRIVER)
+        self.set_driver_features(features)
+        self.w(0x70, _ACK | _DRIVER | _FEATURES_OK)
+        return self.r(0x70)
+
+    def setup_queue(self, i: int, size: int, desc: int, avail: int, used: int) -> None:
+        self.w(0x30, i)
+        self.w(0x38, size)
+        for off, addr in ((0x80, desc), (0x90, avail), (0xA0, used)):
+            self.w(off, addr & 0xFFFFFFFF)
+            self.w(off + 4, addr >> 32)
+        self.w(0x44, 1)
+
+    def bring_up(self, features: int | None = None, sizes=(16, 8), queues=None) -> int:
+        """Negotiate, set up queues (FakeDriverQueues, or default layouts of `sizes`), DRIVER_OK."""
+        features = self.device_features() if features is None else features
+        self.negotiate(features)
+        if queues is not None:
+            for i, q in enumerate(queues):
+                self.setup_queue(i, q.size, q.desc, q.avail, q.used)
+        else:
+            for i, size in enumerate(sizes):
+                base = 0x1000 + i * 0x2000
+                self.setup_queue(i, size, base, base + 0x400, base + 0x800)
+        self.w(0x70, _ACK | _DRIVER | _FEATURES_OK | _DRIVER_OK)
+        return self.r(0x70)

@@ -22,7 +22,7 @@ from devices.virtio.device import (
 from devices.virtio.interrupt import VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING
 from devices.virtio.mmio import MmioTransport
 from devices.virtio.queue import VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC
-from tests.fakes import FakeGuestMemory
+from tests.fakes import FakeGuestMemory, MmioDriver
 
 DEVICE_BIT = 1 << 3  # a device-specific feature the test device offers
 
@@ -53,62 +53,12 @@ class RecordingDevice(VirtioDevice):
         self.active = None
 
 
-class Driver:
-    """Does what Linux's virtio_mmio.c does, through 32-bit MMIO accesses."""
-
-    def __init__(self, t: MmioTransport) -> None:
-        self.t = t
-
-    def r(self, off: int) -> int:
-        return struct.unpack("<I", self.t.read(off, 4))[0]
-
-    def w(self, off: int, value: int) -> None:
-        self.t.write(off, struct.pack("<I", value))
-
-    def device_features(self) -> int:
-        self.w(0x14, 0)
-        low = self.r(0x10)
-        self.w(0x14, 1)
-        return low | self.r(0x10) << 32
-
-    def set_driver_features(self, features: int) -> None:
-        self.w(0x24, 0)
-        self.w(0x20, features & 0xFFFFFFFF)
-        self.w(0x24, 1)
-        self.w(0x20, features >> 32)
-
-    def negotiate(self, features: int) -> int:
-        self.w(0x70, 0)
-        self.w(0x70, ACK)
-        self.w(0x70, ACK | DRIVER)
-        self.set_driver_features(features)
-        self.w(0x70, ACK | DRIVER | FEATURES_OK)
-        return self.r(0x70)
-
-    def setup_queue(self, i: int, size: int, desc: int, avail: int, used: int) -> None:
-        self.w(0x30, i)
-        self.w(0x38, size)
-        for off, addr in ((0x80, desc), (0x90, avail), (0xA0, used)):
-            self.w(off, addr & 0xFFFFFFFF)
-            self.w(off + 4, addr >> 32)
-        self.w(0x44, 1)
-
-    def bring_up(self, features: int | None = None, sizes=(16, 8)) -> int:
-        features = self.device_features() if features is None else features
-        self.negotiate(features)
-        for i, size in enumerate(sizes):
-            base = 0x1000 + i * 0x2000
-            self.setup_queue(i, size, base, base + 0x400, base + 0x800)
-        self.w(0x70, ACK | DRIVER | FEATURES_OK | DRIVER_OK)
-        return self.r(0x70)
-
-
 @pytest.fixture
 def env():
     irq = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
     dev = RecordingDevice()
     t = MmioTransport(dev, FakeGuestMemory(1 << 20), irq)
-    yield t, dev, Driver(t), irq
+    yield t, dev, MmioDriver(t), irq
     t.close()
     os.close(irq)
 
@@ -349,7 +299,7 @@ def test_close_resets_and_closes_eventfds():
     dev = RecordingDevice()
     t = MmioTransport(dev, FakeGuestMemory(1 << 20), irq)
     assert len(_fds() - before) == 2
-    Driver(t).bring_up()
+    MmioDriver(t).bring_up()
     t.close()
     t.close()
     assert dev.active is None

@@ -41,7 +41,7 @@ class LogOnce:
         if kind in self._seen:
             return
         self._seen.add(kind)
-        self._logger.log(level, msg, *args)
+        self._logger.log(level, msg, *args, stacklevel=2)
 
 
 class VirtioDevice(ABC):
@@ -84,6 +84,10 @@ class VirtioDevice(ABC):
     @abstractmethod
     def reset(self) -> None:
         """Stop serving and join the worker; idempotent. The device may be activated again later."""
+
+    def close(self) -> None:
+        """Release everything for good (the VM is going away). Idempotent."""
+        self.reset()
 
     def metrics(self) -> dict:
         """JSON-able counters."""

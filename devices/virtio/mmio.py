@@ -158,9 +158,12 @@ class MmioTransport:
             return self.queue_states[self.queue_sel]
         return None
 
-    def _reset_device(self) -> None:
+    def _reset_device(self, *, final: bool = False) -> None:
         """Status 0: stop the worker, forget all negotiated state (virtio 1.2 sec. 2.4)."""
-        self.device.reset()
+        if final:
+            self.device.close()
+        else:
+            self.device.reset()
         for q in self._queues:
             if q is not None:
                 q.close()
@@ -422,7 +425,7 @@ class MmioTransport:
         with self._lock:
             if self._closed:
                 return
-            self._reset_device()
+            self._reset_device(final=True)
             self._closed = True
             self._close_events()
 
