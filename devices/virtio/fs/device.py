@@ -1,0 +1,139 @@
+"""The virtio-fs device (virtio 1.2 sec. 5.11): config space, queues, and the worker's lifecycle.
+
+Device type 26. Config space is `struct virtio_fs_config` (linux/virtio_fs.h): the tag, 36 bytes
+NUL-padded (not terminated when full), then num_request_queues as le32; it is read-only. Queue 0 is
+the hiprio queue (FORGETs), queues 1..n carry requests. No device-specific feature bits exist, so no
+notification queue and no DAX window (the transport reports no shared memory region).
+
+One worker thread serves all queues (Linux 6.1 only ever uses the first request queue anyway). The
+FileSystem is built once per device, so a bad share fails when the VM is assembled; a device reset
+ends the FUSE session (FileSystem.destroy closes every fd) and the next INIT starts a new one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import tempfile
+from typing import Callable
+
+from devices.virtio.device import BASE_FEATURES, VIRTIO_ID_FS, VirtioDevice
+from devices.virtio.fs.options import FS_MAX_TAG_LEN, FsOptions
+from devices.virtio.fs.worker import FsWorker, WorkerCounters
+from devices.virtio.interrupt import Interrupt
+from devices.virtio.queue import Queue
+from fuse.metrics import Metrics
+from fuse.trace import Trace
+
+logger = logging.getLogger(__name__)
+
+QUEUE_SIZE = 1024  # per queue maximum; the guest picks the actual size
+DEFAULT_MAX_WRITE = 1 << 20
+
+FsFactory = Callable[[FsOptions], object]  # returns a fuse.filesystem.FileSystem
+
+
+def passthrough_factory(options: FsOptions):
+    """The default FileSystem: the host directory `options.source`."""
+    from devices.virtio.fs.passthrough import PassthroughFs
+
+    return PassthroughFs(options)
+
+
+def make_server(fs, metrics: Metrics, trace: Trace | None, max_write: int = DEFAULT_MAX_WRITE):
+    """A fresh FUSE server (new session state) over `fs`, sharing the device's metrics and trace."""
+    from fuse.server import Server
+
+    return Server(fs, max_write=max_write, metrics=metrics, trace=trace)
+
+
+def config_space(tag: str, num_request_queues: int) -> bytes:
+    """`struct virtio_fs_config` bytes."""
+    raw = tag.encode("utf-8")
+    if not 1 <= len(raw) <= FS_MAX_TAG_LEN:
+        raise ValueError(f"tag must be 1..{FS_MAX_TAG_LEN} bytes")
+    return raw.ljust(FS_MAX_TAG_LEN, b"\0") + struct.pack("<I", num_request_queues)
+
+
+def default_trace_path(tag: str) -> str:
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in tag)
+    return os.path.join(tempfile.gettempdir(), f"pyvmm-virtio-fs-{safe}-{os.getpid()}.trace.jsonl")
+
+
+class FsDevice(VirtioDevice):
+    """A virtio-fs device sharing `options.source` under `options.tag`.
+
+    `fs_factory(options)` builds the FileSystem (default: PassthroughFs) so tests can inject another.
+    """
+
+    device_type = VIRTIO_ID_FS
+
+    def __init__(self, options: FsOptions, fs_factory: FsFactory | None = None, *,
+                 queue_size: int = QUEUE_SIZE, max_write: int = DEFAULT_MAX_WRITE) -> None:
+        super().__init__()
+        self.options = options
+        self.max_write = max_write
+        self.queue_max_sizes = [queue_size] * (1 + options.num_request_queues)
+        self.config = config_space(options.tag, options.num_request_queues)
+        self.fuse_metrics = Metrics()
+        self.counters = WorkerCounters()
+        self.trace: Trace | None = None
+        if options.trace:
+            path = options.trace_path or default_trace_path(options.tag)
+            self.trace = Trace.open(path)
+            logger.info("virtio-fs %s: tracing requests to %s", options.tag, path)
+        try:
+            self.fs = (fs_factory or passthrough_factory)(options)
+        except BaseException:
+            if self.trace is not None:
+                self.trace.close()
+            raise
+        self._worker: FsWorker | None = None
+        self.server = None
+
+    @property
+    def worker_thread(self):
+        """The running worker thread, or None (for tests and diagnostics)."""
+        return self._worker.thread if self._worker is not None else None
+
+    def device_features(self) -> int:
+        return BASE_FEATURES
+
+    def activate(self, memory, interrupt: Interrupt, queues: list[Queue | None],
+                 queue_events: list[int]) -> None:
+        if self._worker is not None:
+            raise RuntimeError("virtio-fs device is already active")
+        self.server = make_server(self.fs, self.fuse_metrics, self.trace, self.max_write)
+        worker = FsWorker(f"virtio-fs:{self.options.tag}", self.server, interrupt, queues,
+                          queue_events, self.counters)
+        worker.start()
+        self._worker = worker
+        logger.debug("virtio-fs %s: active with queue sizes %s", self.options.tag,
+                     [q.size if q else None for q in queues])
+
+    def reset(self) -> None:
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            worker.stop()
+        self.server = None
+        try:
+            self.fs.destroy()  # the FUSE session ends with the driver; release every host fd
+        except Exception:
+            logger.exception("virtio-fs %s: destroy failed", self.options.tag)
+
+    def close(self) -> None:
+        self.reset()
+        if self.trace is not None:
+            self.trace.close()
+            self.trace = None
+
+    def metrics(self) -> dict:
+        """The FUSE server's counters plus the virtio transport's, under "virtio"."""
+        m = self.fuse_metrics.snapshot()
+        m["virtio"] = self.counters.snapshot()
+        return m
+
+    def reset_metrics(self) -> None:
+        self.fuse_metrics.reset()
+        self.counters.reset()

@@ -1,0 +1,162 @@
+"""The virtio-fs queue worker: one thread that serves every queue of one device.
+
+It sleeps in epoll on the queue eventfds (KVM ioeventfds, so a guest kick wakes it without any vCPU
+thread) and on a stop eventfd. On a kick it drains that queue: pop a chain, let the FUSE server
+handle it through a Reader/Writer over guest memory, put it on the used ring, and raise one
+interrupt per drained batch if the driver asked for one (EVENT_IDX aware).
+
+The guest is hostile and the server may have bugs: a bad chain or a failing request is logged once
+per kind and returned to the guest with 0 bytes; nothing a guest sends can end this thread. Only a
+corrupt ring (QueueBroken) stops service on that queue, with DEVICE_NEEDS_RESET reported.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import select
+import threading
+from dataclasses import asdict, dataclass
+
+from devices.virtio.chain import ChainReader, ChainWriter
+from devices.virtio.device import LogOnce
+from devices.virtio.interrupt import Interrupt
+from devices.virtio.queue import InvalidChain, Queue, QueueBroken
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerCounters:
+    """Transport-level counters (written by the worker thread only; read by anyone)."""
+
+    chains: int = 0  # descriptor chains returned to the guest, invalid ones included
+    invalid_chains: int = 0  # malformed chains returned with 0 bytes
+    handler_errors: int = 0  # requests whose handling raised (returned with 0 bytes)
+    interrupts: int = 0  # used-buffer interrupts raised
+    notifications: int = 0  # queue kicks seen (wakeups on a queue eventfd)
+    broken_queues: int = 0  # queues stopped because the ring itself was corrupt
+
+    def snapshot(self) -> dict:
+        return asdict(self)
+
+    def reset(self) -> None:
+        for name in self.__dataclass_fields__:
+            setattr(self, name, 0)
+
+
+class FsWorker:
+    """Owns the worker thread, its epoll fd and its stop eventfd (not the queue eventfds)."""
+
+    def __init__(self, name: str, server, interrupt: Interrupt, queues: list[Queue | None],
+                 queue_events: list[int], counters: WorkerCounters) -> None:
+        if len(queues) != len(queue_events):
+            raise ValueError("one eventfd per queue")
+        self.server = server
+        self.interrupt = interrupt
+        self.queues = queues
+        self.queue_events = queue_events
+        self.counters = counters
+        self._log = LogOnce(logger)
+        self._stopping = False
+        self._broken: set[int] = set()
+        self._stop_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    @property
+    def thread(self) -> threading.Thread:
+        return self._thread
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Ask the thread to stop after the request in progress, join it, release its fds."""
+        if self._stop_fd < 0:
+            return
+        self._stopping = True
+        os.eventfd_write(self._stop_fd, 1)
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join()
+        os.close(self._stop_fd)
+        self._stop_fd = -1
+
+    # -- thread -----------------------------------------------------------------------------------
+    def _run(self) -> None:
+        ep = select.epoll()
+        try:
+            by_fd: dict[int, int] = {}
+            for i, (q, fd) in enumerate(zip(self.queues, self.queue_events)):
+                if q is not None:
+                    ep.register(fd, select.EPOLLIN)
+                    by_fd[fd] = i
+            ep.register(self._stop_fd, select.EPOLLIN)
+            # Kicks that arrived before DRIVER_OK (or before we registered) are not lost.
+            for i in by_fd.values():
+                self._process_queue(i)
+            while not self._stopping:
+                for fd, _ in ep.poll():
+                    if fd == self._stop_fd or self._stopping:
+                        return
+                    i = by_fd.get(fd)
+                    if i is None:
+                        continue
+                    try:
+                        os.eventfd_read(fd)
+                    except BlockingIOError:
+                        pass
+                    self.counters.notifications += 1
+                    self._process_queue(i)
+        except Exception:  # a bug here must be visible, but must not take the process down
+            logger.exception("virtio-fs worker %s stopped by an internal error", self._thread.name)
+        finally:
+            ep.close()
+
+    def _process_queue(self, i: int) -> None:
+        """Drain queue i, then raise at most one interrupt for the batch."""
+        q = self.queues[i]
+        if q is None or i in self._broken:
+            return
+        returned = 0
+        while not self._stopping:
+            try:
+                chain = q.pop()
+            except InvalidChain as e:
+                self._log("invalid:" + re.sub(r"\d+", "N", e.reason), "virtio-fs queue %d: %s; returning it "
+                          "with 0 bytes (further chains of this kind are not logged)", i, e)
+                self.counters.invalid_chains += 1
+                self.counters.chains += 1
+                q.add_used(e.head, 0)
+                returned += 1
+                continue
+            except QueueBroken as e:
+                logger.error("virtio-fs queue %d: %s; queue stopped, device needs reset", i, e)
+                self._broken.add(i)
+                self.counters.broken_queues += 1
+                self.interrupt.signal_needs_reset()
+                break
+            if chain is None:
+                break
+            written = self._handle(i, chain)
+            q.add_used(chain.head, written)
+            self.counters.chains += 1
+            returned += 1
+        if returned and q.needs_notification():
+            self.counters.interrupts += 1
+            self.interrupt.signal_used_queue()
+
+    def _handle(self, i: int, chain) -> int:
+        writer = ChainWriter(chain)
+        try:
+            n = self.server.handle(ChainReader(chain), writer, queue=i)
+        except Exception as e:  # never let one request end the worker
+            self.counters.handler_errors += 1
+            self._log(f"handler:{type(e).__name__}", "virtio-fs queue %d: request failed (%s: %s); "
+                      "returning it with 0 bytes", i, type(e).__name__, e, level=logging.ERROR)
+            return 0
+        if not isinstance(n, int) or n < 0 or n > writer.bytes_written:
+            self._log("handler-len", "virtio-fs queue %d: server reported %r bytes but wrote %d",
+                      i, n, writer.bytes_written, level=logging.ERROR)
+            return writer.bytes_written
+        return n
