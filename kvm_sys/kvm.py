@@ -81,7 +81,11 @@ class Kvm:
         except OSError as e:
             raise KvmError(e.errno or errno_mod.ENODEV, f"open({path})") from e
         self._closed = False
-        version = self.api_version()
+        try:
+            version = self.api_version()
+        except BaseException:
+            self.close()
+            raise
         if version != KVM_API_VERSION:
             self.close()
             raise KvmError(errno_mod.EINVAL, "KVM_GET_API_VERSION",
