@@ -195,11 +195,11 @@ def _pack_entry(e: Entry, *, allow_negative: bool) -> bytes:
                            *attr_tuple(e.attr))
 
 
+_OP_NAMES = {int(op): op.name for op in Opcode}
+
+
 def _op_name(opcode: int) -> str:
-    try:
-        return Opcode(opcode).name
-    except ValueError:
-        return "UNKNOWN"
+    return _OP_NAMES.get(opcode, "UNKNOWN")
 
 
 def _check_component(name: bytes, *, allow_dots: bool) -> None:
@@ -366,7 +366,10 @@ class Server:
             reader = _LimitedReader(reader, body)
         handler = self._handlers.get(hdr.opcode)
         if handler is None:
-            raise _Errno(errno.ENOSYS)
+            # Known-but-unserved opcodes (locks, ioctl, DAX, SYNCFS...) are a normal ENOSYS
+            # the guest learns from; an opcode outside the ABI is worth a log line.
+            raise _Errno(errno.ENOSYS,
+                         "" if hdr.opcode in _OP_NAMES else f"unknown opcode {hdr.opcode}")
         if not self._initialized and hdr.opcode != Opcode.INIT:
             raise _Errno(errno.EIO, "request before INIT")
         ctx = Context(hdr.uid, hdr.gid, hdr.pid)
@@ -480,9 +483,9 @@ class Server:
         if len(body) < abi.FUSE_COMPAT_INIT_IN_SIZE:
             raise _Errno(errno.EINVAL, f"fuse_init_in of {len(body)} bytes")
         major, minor, max_readahead, flags = struct.unpack_from("<4I", body)
-        self._need(writer, abi.INIT_OUT.size)
         if major < abi.FUSE_KERNEL_VERSION:
             raise _Errno(errno.EPROTO, f"guest FUSE major {major}")
+        self._need(writer, abi.INIT_OUT.size)
         if major > abi.FUSE_KERNEL_VERSION:
             # Tell the guest which major we speak; it may retry with that one.
             logger.warning("INIT: guest FUSE major %d, answering 7.%d", major,

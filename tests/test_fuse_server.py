@@ -789,6 +789,13 @@ def test_header_len_mismatches(server: Server, memfs: MemFS) -> None:
     # larger than the data
     err(send(server, request(Opcode.LOOKUP, body, length=40 + len(body) + 1)), errno.EINVAL)
     err(send(server, request(Opcode.LOOKUP, body, length=2**32 - 1)), errno.ENOMEM)
+    # a WRITE whose len (and size) claim more data than the chain holds never reaches the fs
+    f = memfs.nodes[1].children[b"f"]
+    fh = open_file(server, f)
+    short = abi.WRITE_IN.pack(fh=fh, size=100) + b"x" * 50
+    err(send(server, request(Opcode.WRITE, short, nodeid=f, length=40 + 40 + 100)),
+        errno.EINVAL)
+    assert not any(c[0] == "write" for c in memfs.calls)
     # smaller than a header
     err(send(server, request(Opcode.LOOKUP, body, length=39)), errno.EINVAL)
     err(send(server, request(Opcode.LOOKUP, body, length=0)), errno.EINVAL)
