@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from devices.virtio.queue import (
     InvalidChain,
@@ -251,3 +252,43 @@ def test_queue_layout_validation(size, desc, avail, used):
     mem = FakeGuestMemory(MEM)
     with pytest.raises(QueueConfigError):
         Queue(mem, size, desc, avail, used, False)
+
+
+# -- hostile rings: whatever the guest writes, pop() returns a chain or raises one of our errors ------
+
+_desc = st.tuples(
+    st.one_of(st.integers(0, MEM + 64), st.integers(0, (1 << 64) - 1)),  # addr
+    st.one_of(st.integers(0, 256), st.integers(0, 0xFFFFFFFF)),  # len
+    st.integers(0, 7),  # flags
+    st.one_of(st.integers(0, 20), st.integers(0, 0xFFFF)),  # next
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(table=st.lists(_desc, min_size=16, max_size=16), heads=st.lists(st.integers(0, 0xFFFF), min_size=1, max_size=8),
+       indirect_tables=st.lists(st.lists(_desc, min_size=1, max_size=6), max_size=3))
+def test_random_rings_never_crash_the_device(table, heads, indirect_tables):
+    mem, drv, q = make()
+    # some descriptors point at real indirect tables in memory
+    for i, itable in enumerate(indirect_tables):
+        addr = drv.alloc(16 * len(itable))
+        for j, d in enumerate(itable):
+            drv.write_desc(addr, j, *d)
+        table[i] = (addr, 16 * len(itable), table[i][2] | VRING_DESC_F_INDIRECT, table[i][3])
+    for i, d in enumerate(table):
+        drv.write_desc(drv.desc, i, *d)
+    for h in heads:
+        drv.publish(h)
+    for _ in heads:
+        try:
+            chain = q.pop()
+        except InvalidChain as e:
+            q.add_used(e.head, 0)
+            continue
+        assert chain is not None
+        for v in chain.readable + chain.writable:
+            assert len(v) > 0
+        assert chain.readable_len + chain.writable_len <= 0xFFFFFFFF
+        q.add_used(chain.head, 0)
+    assert q.pop() is None
+    assert drv.used_idx() == len(heads)
