@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import math
 import os
 import struct
 import threading
@@ -23,7 +22,7 @@ from typing import Any, Callable, Iterator
 
 from . import abi
 from .abi import Opcode
-from .filesystem import Context, DirEntry, Entry, FileSystem, SetattrRequest
+from .filesystem import Context, Entry, FileSystem, SetattrRequest
 from .io import BufferTooSmall, Reader, Writer
 from .metrics import Metrics
 from .trace import Trace
