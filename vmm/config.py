@@ -1,0 +1,388 @@
+"""VM configuration: YAML files and command-line overrides, validated into dataclasses.
+
+Every key is checked: an unknown key, a wrong type, an out-of-range value or a missing file raises
+`ConfigError` with one line naming the file and the key, so the CLI can print it and exit with
+status 2 instead of failing halfway through a boot.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from devices.virtio.fs.options import FsOptions
+
+DISCOVERY_MODES = ("cmdline", "acpi", "both")
+MAX_VCPUS = 8
+MIN_MEMORY_MIB = 32
+MAX_MEMORY_MIB = 64 * 1024
+
+
+class ConfigError(Exception):
+    """A configuration problem, phrased for the user: `<file>: <key>: <what is wrong>`."""
+
+
+@dataclass(frozen=True)
+class VmConfig:
+    vcpus: int = 1
+    memory_mib: int = 128
+    # How the guest learns about its virtio-mmio devices. `cmdline` (virtio_mmio.device=) is the
+    # default because the project kernel supports it and it costs no ACPI parsing in a guest whose
+    # kernel code runs through an instruction emulator on our machines; `acpi` is what stock
+    # distribution kernels need; `both` announces them both ways (the kernel ignores duplicates).
+    discovery: str = "cmdline"
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    path: str = "auto"                 # "auto" = the project kernel (built and cached on demand)
+    initrd: Path | None = None         # optional cpio, concatenated before the agent's script
+    cmdline: str = ""                  # appended to the VMM's command line
+
+
+@dataclass(frozen=True)
+class GuestConfig:
+    script: str | None = None          # agent script text; None = boot without a script
+    timeout: float = 900.0             # wall-clock seconds before the VMM gives up on the guest
+
+
+@dataclass(frozen=True)
+class SerialConfig:
+    log: Path | None = None            # also copy the console to this file
+    stdin: bool = True                 # feed the host terminal to COM1 when stdin is a TTY
+
+
+@dataclass(frozen=True)
+class Config:
+    vm: VmConfig = field(default_factory=VmConfig)
+    kernel: KernelConfig = field(default_factory=KernelConfig)
+    guest: GuestConfig = field(default_factory=GuestConfig)
+    serial: SerialConfig = field(default_factory=SerialConfig)
+    devices: tuple[FsOptions, ...] = ()
+    source: str = "<defaults>"         # where this config came from, for messages
+
+
+# --------------------------------------------------------------------------------------------
+# Small typed accessors: each names the key and the file in its error.
+
+class _Section:
+    """A YAML mapping being consumed key by key; leftover keys are reported as unknown."""
+
+    def __init__(self, data: Any, where: str, source: str):
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: {where or 'top level'}: expected a mapping, got {_kind(data)}")
+        self.data = dict(data)
+        self.where = where
+        self.source = source
+
+    def key(self, name: str) -> str:
+        return f"{self.where}.{name}" if self.where else name
+
+    def error(self, name: str, message: str) -> ConfigError:
+        return ConfigError(f"{self.source}: {self.key(name)}: {message}")
+
+    def take(self, name: str, kind: type | tuple[type, ...], default: Any) -> Any:
+        if name not in self.data:
+            return default
+        value = self.data.pop(name)
+        if value is None and default is None:
+            return None
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        # bool is an int in Python; never accept true/false where a number is expected.
+        if isinstance(value, bool) and bool not in kinds:
+            raise self.error(name, f"expected {_names(kinds)}, got a boolean")
+        if not isinstance(value, kinds):
+            raise self.error(name, f"expected {_names(kinds)}, got {_kind(value)} {value!r}")
+        return value
+
+    def take_int(self, name: str, default: int, lo: int, hi: int) -> int:
+        value = self.take(name, int, default)
+        if not lo <= value <= hi:
+            raise self.error(name, f"must be between {lo} and {hi}, got {value}")
+        return value
+
+    def take_seconds(self, name: str, default: float) -> float:
+        value = self.take(name, (int, float), default)
+        return check_seconds(value, lambda msg: self.error(name, msg))
+
+    def take_choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
+        value = self.take(name, str, default)
+        if value not in choices:
+            raise self.error(name, f"must be one of {', '.join(choices)}, got {value!r}")
+        return value
+
+    def take_path(self, name: str, base: Path, must_exist: bool = True, directory: bool = False
+                  ) -> Path | None:
+        value = self.take(name, str, None)
+        if value is None:
+            return None
+        return check_path(value, base, must_exist, directory, lambda msg: self.error(name, msg))
+
+    def finish(self) -> None:
+        if self.data:
+            unknown = ", ".join(sorted(self.key(str(k)) for k in self.data))
+            raise ConfigError(f"{self.source}: unknown key: {unknown}")
+
+
+def _kind(value: Any) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string", int: "an integer",
+            float: "a number", bool: "a boolean", type(None): "nothing"}.get(type(value), type(value).__name__)
+
+
+def _names(kinds: tuple[type, ...]) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", bool: "a boolean",
+             dict: "a mapping", list: "a list"}
+    if set(kinds) == {int, float}:
+        return "a number"
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def check_seconds(value: float, error: Callable[[str], Exception]) -> float:
+    """Timeouts are finite and non-negative: FUSE carries them as u64 seconds + u32 nanoseconds."""
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise error(f"must be a finite number of seconds >= 0, got {value}")
+    if value >= 2 ** 63:
+        raise error(f"is too large ({value})")
+    return value
+
+
+def check_path(value: str, base: Path, must_exist: bool, directory: bool,
+               error: Callable[[str], Exception]) -> Path:
+    path = Path(os.path.expanduser(value))
+    if not path.is_absolute():
+        path = base / path
+    if must_exist and not path.exists():
+        raise error(f"{path} does not exist")
+    if directory and path.exists() and not path.is_dir():
+        raise error(f"{path} is not a directory")
+    if must_exist and not directory and path.is_dir():
+        raise error(f"{path} is a directory, expected a file")
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+
+FS_BOOL_KEYS = ("writeback", "trace")
+
+
+def fs_options(values: dict[str, Any], error: Callable[[str, str], Exception], base: Path) -> FsOptions:
+    """Build FsOptions from already-typed values, turning its ValueErrors into config errors."""
+    source = values["source"]
+    path = check_path(str(source), base, True, True, lambda msg: error("source", msg))
+    kwargs = dict(values)
+    kwargs["source"] = str(path.resolve())
+    for key in ("timeout", "negative_timeout"):
+        if key in kwargs:
+            kwargs[key] = check_seconds(kwargs[key], lambda msg, k=key: error(k, msg))
+    if kwargs.get("trace_path"):
+        kwargs["trace_path"] = str(check_path(str(kwargs["trace_path"]), base, False, False,
+                                              lambda msg: error("trace_path", msg)))
+    try:
+        return FsOptions(**kwargs)
+    except ValueError as exc:
+        raise error(_field_of(exc, kwargs), str(exc)) from None
+
+
+def _field_of(exc: ValueError, kwargs: dict[str, Any]) -> str:
+    text = str(exc)
+    for key in kwargs:
+        if text.startswith(key) or f"'{key}'" in text or f" {key} " in f" {text} ":
+            return key
+    return "options"
+
+
+def _parse_fs_device(section: _Section, base: Path) -> FsOptions:
+    values: dict[str, Any] = {}
+    source = section.take("source", str, None)
+    if source is None:
+        raise section.error("source", "is required (the host directory to share)")
+    values["source"] = source
+    tag = section.take("tag", str, None)
+    if tag is None:
+        raise section.error("tag", "is required (the name the guest mounts)")
+    values["tag"] = tag
+    if "num_request_queues" in section.data:
+        values["num_request_queues"] = section.take_int("num_request_queues", 1, 1, 64)
+    if "cache" in section.data:
+        values["cache"] = section.take_choice("cache", "auto", ("never", "auto", "always"))
+    for key in ("timeout", "negative_timeout"):
+        if key in section.data:
+            values[key] = section.take_seconds(key, 0.0)
+    for key in FS_BOOL_KEYS:
+        if key in section.data:
+            values[key] = section.take(key, bool, False)
+    if "trace_path" in section.data:
+        values["trace_path"] = section.take("trace_path", str, None)
+    section.take("type", str, "fs")
+    section.finish()
+    return fs_options(values, section.error, base)
+
+
+def _check_devices(devices: list[FsOptions], source: str) -> None:
+    seen: set[str] = set()
+    for dev in devices:
+        if dev.tag in seen:
+            raise ConfigError(f"{source}: devices: duplicate tag {dev.tag!r}: every shared "
+                              "directory needs its own tag")
+        seen.add(dev.tag)
+
+
+def parse_config(data: Any, source: str, base: Path) -> Config:
+    top = _Section(data, "", source)
+
+    vm = _Section(top.take("vm", dict, {}), "vm", source)
+    vm_cfg = VmConfig(
+        vcpus=vm.take_int("vcpus", 1, 1, MAX_VCPUS),
+        memory_mib=vm.take_int("memory_mib", 128, MIN_MEMORY_MIB, MAX_MEMORY_MIB),
+        discovery=vm.take_choice("discovery", "cmdline", DISCOVERY_MODES),
+    )
+    vm.finish()
+
+    k = _Section(top.take("kernel", dict, {}), "kernel", source)
+    path = k.take("path", str, "auto")
+    if path != "auto":
+        path = str(check_path(path, base, True, False, lambda msg: k.error("path", msg)))
+    kernel_cfg = KernelConfig(path=path, initrd=k.take_path("initrd", base),
+                              cmdline=k.take("cmdline", str, ""))
+    k.finish()
+
+    g = _Section(top.take("guest", dict, {}), "guest", source)
+    script = g.take("script", str, None)
+    script_file = g.take_path("script_file", base)
+    if script is not None and script_file is not None:
+        raise g.error("script_file", "give either guest.script or guest.script_file, not both")
+    if script_file is not None:
+        script = script_file.read_text()
+    timeout = g.take_seconds("timeout", 900.0)
+    if timeout == 0:
+        raise g.error("timeout", "must be greater than 0")
+    guest_cfg = GuestConfig(script=script, timeout=timeout)
+    g.finish()
+
+    s = _Section(top.take("serial", dict, {}), "serial", source)
+    serial_cfg = SerialConfig(log=s.take_path("log", base, must_exist=False),
+                              stdin=s.take("stdin", bool, True))
+    s.finish()
+
+    raw_devices = top.take("devices", list, [])
+    devices = []
+    for i, raw in enumerate(raw_devices):
+        dev = _Section(raw, f"devices[{i}]", source)
+        kind = dev.data.get("type")
+        if kind != "fs":
+            raise dev.error("type", f"unknown device type {kind!r} (supported: fs)")
+        devices.append(_parse_fs_device(dev, base))
+    _check_devices(devices, source)
+    top.finish()
+    return Config(vm=vm_cfg, kernel=kernel_cfg, guest=guest_cfg, serial=serial_cfg,
+                  devices=tuple(devices), source=source)
+
+
+def load_config(path: str | os.PathLike) -> Config:
+    """Read and validate a YAML config file."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"{p}: config file does not exist")
+    if p.is_dir():
+        raise ConfigError(f"{p}: is a directory, expected a YAML config file")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{p}:{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{p}: cannot read: {exc}") from None
+    return parse_config(data, str(p), p.resolve().parent)
+
+
+# --------------------------------------------------------------------------------------------
+# crosvm-style --shared-dir PATH:TAG[:key=value...]
+
+def parse_shared_dir(spec: str, base: Path | None = None) -> FsOptions:
+    """Parse `--shared-dir PATH:TAG[:key=value...]` (crosvm's syntax, `type=fs` implied)."""
+    where = f"--shared-dir {spec}"
+    parts = spec.split(":")
+    if len(parts) < 2 or not parts[0] or not parts[1]:
+        raise ConfigError(f"{where}: expected PATH:TAG[:key=value...]")
+    values: dict[str, Any] = {"source": parts[0], "tag": parts[1]}
+
+    def error(key: str, message: str) -> ConfigError:
+        return ConfigError(f"{where}: {key}: {message}")
+
+    for item in parts[2:]:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise error(key, "expected key=value")
+        if key in values and key not in ("source", "tag"):
+            raise error(key, "given twice")
+        if key == "type":
+            if raw != "fs":
+                raise error(key, f"only type=fs is supported, got {raw!r}")
+        elif key in ("timeout", "negative_timeout"):
+            try:
+                values[key] = float(raw)
+            except ValueError:
+                raise error(key, f"expected a number of seconds, got {raw!r}") from None
+        elif key == "num_request_queues":
+            if not raw.isdigit() or not 1 <= int(raw) <= 64:
+                raise error(key, f"expected an integer between 1 and 64, got {raw!r}")
+            values[key] = int(raw)
+        elif key == "cache":
+            if raw not in ("never", "auto", "always"):
+                raise error(key, f"must be one of never, auto, always, got {raw!r}")
+            values[key] = raw
+        elif key in FS_BOOL_KEYS:
+            if raw not in ("true", "false"):
+                raise error(key, f"expected true or false, got {raw!r}")
+            values[key] = raw == "true"
+        elif key == "trace_path":
+            values[key] = raw
+        else:
+            raise error(key, "unknown option (known: type, cache, timeout, negative_timeout, "
+                             "writeback, num_request_queues, trace, trace_path)")
+    return fs_options(values, error, base or Path.cwd())
+
+
+def with_overrides(config: Config, *, vcpus: int | None = None, memory_mib: int | None = None,
+                   script: str | None = None, shared_dirs: list[FsOptions] | None = None,
+                   kernel: str | None = None, cmdline: str | None = None,
+                   discovery: str | None = None) -> Config:
+    """Apply command-line overrides, validating them like config values."""
+    vm = config.vm
+    if vcpus is not None:
+        if not 1 <= vcpus <= MAX_VCPUS:
+            raise ConfigError(f"--vcpus: must be between 1 and {MAX_VCPUS}, got {vcpus}")
+        vm = replace(vm, vcpus=vcpus)
+    if memory_mib is not None:
+        if not MIN_MEMORY_MIB <= memory_mib <= MAX_MEMORY_MIB:
+            raise ConfigError(f"--memory: must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB} MiB, "
+                              f"got {memory_mib}")
+        vm = replace(vm, memory_mib=memory_mib)
+    if discovery is not None:
+        vm = replace(vm, discovery=discovery)
+    guest = config.guest if script is None else replace(config.guest, script=script)
+    kern = config.kernel
+    if kernel is not None:
+        if kernel != "auto":
+            kernel = str(check_path(kernel, Path.cwd(), True, False,
+                                    lambda msg: ConfigError(f"--kernel: {msg}")))
+        kern = replace(kern, path=kernel)
+    if cmdline is not None:
+        kern = replace(kern, cmdline=(kern.cmdline + " " + cmdline).strip())
+    devices = config.devices + tuple(shared_dirs or ())
+    _check_devices(list(devices), "command line")
+    return replace(config, vm=vm, guest=guest, kernel=kern, devices=devices)
+
+
+def exec_to_script(text: str) -> str:
+    """`--exec 'op; op; ...'`: semicolons separate agent script lines."""
+    return "\n".join(part.strip() for part in text.split(";") if part.strip()) + "\n"
