@@ -1,0 +1,81 @@
+"""Fixtures that boot real guests on /dev/kvm with the project kernel and an agent script.
+
+`boot(script, shares=..., ...)` runs a Machine in this process (so tests can also check threads
+and file descriptors afterwards) and returns its RunResult: parsed agent steps, exit status,
+timings and the virtio-fs device counters.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from devices.virtio.fs.options import FsOptions
+
+KVM = Path("/dev/kvm")
+
+if not KVM.exists():     # the only allowed skip: a machine without KVM at all
+    pytest.skip("\n" + "!" * 70 + "\n!!! /dev/kvm is absent: end-to-end guest tests NOT RUN\n"
+                + "!" * 70, allow_module_level=True)
+
+
+@pytest.fixture(scope="session")
+def kernel() -> Path:
+    """The project kernel; built once per machine (about 5 minutes) and cached outside the repo."""
+    from guest.build import ensure_kernel
+    return ensure_kernel(progress=lambda msg: print(f"guest kernel: {msg}", flush=True))
+
+
+class Booter:
+    def __init__(self, kernel: Path):
+        self.kernel = kernel
+        self.last = None
+
+    def __call__(self, script: str, *, shares: tuple[FsOptions, ...] = (), vcpus: int = 1,
+                 memory_mib: int = 128, timeout: float = 600, discovery: str = "cmdline",
+                 cmdline: str = "", control_path: str | None = None, on_line=None):
+        from vmm.config import Config, GuestConfig, KernelConfig, SerialConfig, VmConfig
+        from vmm.machine import Machine
+        config = Config(vm=VmConfig(vcpus=vcpus, memory_mib=memory_mib, discovery=discovery),
+                        kernel=KernelConfig(path=str(self.kernel), cmdline=cmdline),
+                        guest=GuestConfig(script=script, timeout=timeout),
+                        serial=SerialConfig(stdin=False), devices=tuple(shares))
+        out = io.BytesIO()
+        machine = Machine(config, output=out, control_path=control_path)
+        if on_line is not None:
+            machine.on_console_line = on_line
+        result = machine.run()
+        result.output = out.getvalue().decode(errors="replace")
+        self.last = result
+        return result
+
+
+@pytest.fixture
+def boot(kernel) -> Booter:
+    return Booter(kernel)
+
+
+def share(path: Path, tag: str = "share", **kw) -> FsOptions:
+    return FsOptions(source=str(path), tag=tag, **kw)
+
+
+def steps_by_op(result, op: str):
+    return [s for s in result.steps if s.op == op]
+
+
+def fs_metrics(result, tag: str = "share") -> dict:
+    return result.metrics[f"fs:{tag}"]
+
+
+def assert_ok(result):
+    assert result.exit_status == 0, (result.message, result.output[-3000:])
+    failed = [s for s in result.steps if s.result != "ok"]
+    assert not failed, failed
+
+
+def open_fds() -> set[int]:
+    return {int(n) for n in os.listdir("/proc/self/fd")}

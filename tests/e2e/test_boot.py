@@ -1,0 +1,59 @@
+"""Boot the project kernel on /dev/kvm and run agent scripts: the foundation issue's acceptance."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from .conftest import open_fds, steps_by_op
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_cli_echo_and_exit_status(kernel):
+    """The README's acceptance check, through the real CLI: echo from the guest, status 3."""
+    r = subprocess.run([sys.executable, "-m", "vmm", "run", "configs/default.yaml",
+                        "--kernel", str(kernel), "--exec", "echo hello-from-guest; exit 3"],
+                       cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 3, r.stderr[-2000:]
+    assert "hello-from-guest" in r.stdout.splitlines()
+    assert "agent first line at" in r.stderr
+
+
+def test_exit_zero_and_machine_ops(boot):
+    r = boot("uptime\ncpus\nmeminfo\nsleep 50\nexit 0\n", memory_mib=96)
+    assert r.exit_status == 0, r.message
+    ops = [s.op for s in r.steps]
+    assert ops == ["uptime", "cpus", "meminfo", "sleep", "exit"]
+    assert int(steps_by_op(r, "cpus")[0].extra["cpus"]) == 1
+    total_kb = int(steps_by_op(r, "meminfo")[0].extra["total_kb"])
+    assert 64 * 1024 < total_kb <= 96 * 1024       # the guest sees the RAM we gave it
+    assert int(steps_by_op(r, "sleep")[0].ns) >= 50_000_000
+    assert r.timings["to_agent_s"] < r.timings["total_s"]
+
+
+def test_unknown_op_fails_the_script_before_running_anything(boot):
+    r = boot("echo first\nfrobnicate 1 2\nexit 0\n")
+    assert r.exit_status == 2
+    assert r.steps == []                     # validated up front: nothing ran
+    assert any("frobnicate" in e.message for e in r.console.parser.errors)
+
+
+def test_bad_argument_and_unexpected_result(boot):
+    r = boot("sleep soon\n")
+    assert r.exit_status == 2
+    r = boot("echo before\nstat /nonexistent\necho after\n")
+    assert r.exit_status == 1                # stat failed with ENOENT but success was expected
+    assert [s.op for s in r.steps] == ["echo", "stat"]
+    assert steps_by_op(r, "stat")[0].result == "fail"
+
+
+def test_no_leaked_threads_or_fds(boot):
+    before_fds = open_fds()
+    before_threads = set(threading.enumerate())
+    r = boot("exit 7\n")
+    assert r.exit_status == 7
+    assert set(threading.enumerate()) == before_threads
+    assert open_fds() == before_fds

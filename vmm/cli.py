@@ -1,0 +1,145 @@
+"""Command line: `python -m vmm run|guest|ctl|demo ...` (also installed as `pyvmm`).
+
+Errors a user can fix (bad config, missing kernel, no /dev/kvm) are one line on stderr and a
+non-zero status, never a traceback; `-v` shows debug logging for the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .config import ConfigError, exec_to_script, load_config, parse_shared_dir, with_overrides
+
+log = logging.getLogger("vmm")
+
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+
+
+def _progress(message: str) -> None:
+    print(f"pyvmm: {message}", file=sys.stderr, flush=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pyvmm", description=__doc__.splitlines()[0])
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="boot a VM from a YAML config")
+    run.add_argument("config", help="YAML VM config (see configs/)")
+    script = run.add_mutually_exclusive_group()
+    script.add_argument("--exec", dest="exec_", metavar="'OP; OP; ...'",
+                        help="agent script inline, steps separated by ';'")
+    script.add_argument("--script", type=Path, help="agent script file")
+    run.add_argument("--vcpus", type=int, help="override vm.vcpus")
+    run.add_argument("--memory", type=int, metavar="MIB", help="override vm.memory_mib")
+    run.add_argument("--kernel", help="override kernel.path (a vmlinux/bzImage, or 'auto')")
+    run.add_argument("--cmdline", help="extra kernel command line")
+    run.add_argument("--discovery", choices=("cmdline", "acpi", "both"),
+                     help="override vm.discovery")
+    run.add_argument("--shared-dir", action="append", default=[], metavar="PATH:TAG[:k=v...]",
+                     help="add a virtio-fs share (crosvm syntax; keys: cache, timeout, "
+                          "negative_timeout, writeback, num_request_queues, trace, trace_path)")
+    run.add_argument("--metrics", type=Path, metavar="FILE", help="write device counters as JSON on exit")
+    run.add_argument("--control", metavar="PATH", help="open a control socket (stats/reset/stop)")
+
+    guest = sub.add_parser("guest", help="guest kernel tools")
+    gsub = guest.add_subparsers(dest="guest_command", required=True)
+    build = gsub.add_parser("build", help="build (or find cached) the project guest kernel")
+    build.add_argument("--force", action="store_true", help="rebuild even if cached")
+
+    ctl = sub.add_parser("ctl", help="talk to a running VMM's control socket")
+    ctl.add_argument("path")
+    ctl.add_argument("cmd", choices=("stats", "reset", "stop"))
+
+    demo = sub.add_parser("demo", help="negative_timeout demo: the same probe workload with 0 and N")
+    demo.add_argument("--negative-timeout", type=float, default=60.0)
+    demo.add_argument("--names", type=int, default=50, help="missing names probed")
+    demo.add_argument("--rounds", type=int, default=20, help="probes of each name")
+    demo.add_argument("--json", type=Path, help="also write the figures as JSON")
+    return p
+
+
+def _setup_logging(verbosity: int) -> None:
+    level = logging.WARNING if verbosity == 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .machine import Machine   # imports KVM bindings; keep `--help` and config errors light
+
+    config = load_config(args.config)
+    script = None
+    if args.exec_ is not None:
+        script = exec_to_script(args.exec_)
+    elif args.script is not None:
+        if not args.script.is_file():
+            raise ConfigError(f"--script: {args.script} does not exist")
+        script = args.script.read_text()
+    shares = [parse_shared_dir(s) for s in args.shared_dir]
+    config = with_overrides(config, vcpus=args.vcpus, memory_mib=args.memory, script=script,
+                            shared_dirs=shares, kernel=args.kernel, cmdline=args.cmdline,
+                            discovery=args.discovery)
+    machine = Machine(config, control_path=args.control, kernel_progress=_progress)
+    result = machine.run()
+    if result.message:
+        print(f"pyvmm: {result.message}", file=sys.stderr)
+    t = result.timings
+    to_agent = f"{t['to_agent_s']:.2f} s" if "to_agent_s" in t else "never"
+    to_exit = f"{t['to_exit_line_s']:.2f} s" if "to_exit_line_s" in t else "never"
+    print(f"pyvmm: exit status {result.exit_status} ({result.stop.reason.value}); "
+          f"agent first line at {to_agent}, exit line at {to_exit}, total {t['total_s']:.2f} s, "
+          f"{t.get('exits', 0)} vCPU exits", file=sys.stderr)
+    if args.metrics:
+        args.metrics.write_text(json.dumps({
+            "exit_status": result.exit_status, "stop": result.stop.reason.name,
+            "timings": t, "devices": result.metrics}, indent=2, sort_keys=True) + "\n")
+    return result.exit_status
+
+
+def cmd_guest(args: argparse.Namespace) -> int:
+    from guest.build import ensure_kernel
+    path = ensure_kernel(progress=_progress, force=args.force)
+    print(path)
+    return 0
+
+
+def cmd_ctl(args: argparse.Namespace) -> int:
+    from .control import request
+    try:
+        reply = request(args.path, args.cmd)
+    except OSError as exc:
+        print(f"pyvmm: cannot reach control socket {args.path}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(json.dumps(reply, indent=2, sort_keys=True))
+    return 0 if reply.get("ok") else EXIT_FAILURE
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+    return run_demo(negative_timeout=args.negative_timeout, names=args.names, rounds=args.rounds,
+                    json_path=args.json, progress=_progress)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    handlers = {"run": cmd_run, "guest": cmd_guest, "ctl": cmd_ctl, "demo": cmd_demo}
+    try:
+        return handlers[args.command](args)
+    except ConfigError as exc:
+        print(f"pyvmm: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # noqa: BLE001 - user-facing errors below; others get a traceback with -v
+        from .errors import user_message
+        message = user_message(exc)
+        if message is None:
+            raise
+        print(f"pyvmm: error: {message}", file=sys.stderr)
+        return EXIT_USAGE if getattr(exc, "usage", False) else EXIT_FAILURE

@@ -1,0 +1,32 @@
+"""Turn the exceptions a user can act on into one-line messages for the CLI.
+
+Anything not recognised here is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import errno
+
+
+def user_message(exc: BaseException) -> str | None:
+    from kvm_sys import KvmError
+    from .boot import BootError
+    try:
+        from guest.build import BuildError
+    except ImportError:        # pragma: no cover - the builder is optional at import time
+        BuildError = ()        # type: ignore[assignment]
+
+    if isinstance(exc, BootError):
+        exc.usage = True       # a kernel we cannot load is a configuration problem
+        return f"cannot load the kernel: {exc}"
+    if BuildError and isinstance(exc, BuildError):
+        return f"guest kernel build failed: {exc}"
+    if isinstance(exc, KvmError):
+        return f"KVM: {exc}"
+    if isinstance(exc, FileNotFoundError) and exc.filename == "/dev/kvm":
+        return "/dev/kvm does not exist: load the kvm module (modprobe kvm_intel or kvm_amd)"
+    if isinstance(exc, PermissionError) and exc.filename == "/dev/kvm":
+        return "no permission to open /dev/kvm: add yourself to the 'kvm' group or run as root"
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOMEM, errno.ENOSPC):
+        return str(exc)
+    return None

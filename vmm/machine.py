@@ -1,0 +1,340 @@
+"""Assemble a VM from a Config, run it to the end, and tear everything down.
+
+The order follows what KVM and Linux need: irqchip and PIT before vCPUs, memory slots before the
+kernel is loaded, devices on the buses before the command line that announces them, CPU state last.
+Every resource is registered with an ExitStack as it is created, so an error at any step (or
+Ctrl-C) releases what was made so far: threads joined, eventfds and KVM fds closed, memory unmapped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO, Callable
+
+from devices.i8042 import I8042
+from devices.serial import Serial
+from devices.virtio.fs.device import FsDevice
+from devices.virtio.mmio import MmioTransport
+from kvm_sys import Kvm
+from kvm_sys import bindings as kb
+from guest.initramfs import build_initramfs
+
+from . import layout
+from .boot import load_kernel
+from .boot.cpu import configure_vcpu
+from .bus import Bus
+from .config import Config
+from .console import ConsoleSink
+from .memory import GuestMemory
+from .vcpu import Stop, StopReason, VcpuThread
+
+log = logging.getLogger(__name__)
+
+# Process exit statuses for runs where the agent did not report one (documented in the README).
+EXIT_GUEST_PANIC = 110
+EXIT_EMULATION_FAILURE = 111
+EXIT_NO_STATUS = 112
+EXIT_VCPU_ERROR = 113
+EXIT_TIMEOUT = 124
+EXIT_SIGINT = 130
+EXIT_SIGTERM = 143
+
+VIRTIO_MMIO_QUEUE_NOTIFY = 0x50
+KVM_PVM_SYSFS = Path("/sys/module/kvm_pvm")
+
+BASE_CMDLINE = "console=ttyS0 reboot=k panic=-1 quiet"
+# kvm_pvm runs guest kernel code through KVM's instruction emulator, and the CPUID we set does not
+# reach the guest: hide the features whose instructions the emulator refuses (see
+# shared/reference/kvm-pvm-platform.md). `clearcpuid=` is read into a 128-byte buffer: keep it short.
+KVM_PVM_CMDLINE = ("noxsave clearcpuid=cx16,popcnt,rdrand,rdseed,fsgsbase,rdpid,smap,smep,pcid,"
+                   "invpcid,bmi1,bmi2,movbe mitigations=off nopti")
+SCRIPT_PATH = "pyvmm/script"
+
+
+@dataclass
+class RunResult:
+    exit_status: int
+    stop: Stop
+    agent_status: int | None
+    console: ConsoleSink
+    metrics: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+    message: str = ""
+
+    @property
+    def steps(self):
+        return self.console.parser.steps
+
+
+def on_kvm_pvm() -> bool:
+    return KVM_PVM_SYSFS.exists()
+
+
+def mount_lines(config: Config) -> str:
+    """Every share is mounted at /mnt/<tag> before the user's script runs."""
+    return "".join(f"mount {dev.tag} /mnt/{dev.tag}\n" for dev in config.devices)
+
+
+def agent_script(config: Config) -> str | None:
+    if config.guest.script is None and not config.devices:
+        return None
+    return mount_lines(config) + (config.guest.script or "exit 0\n")
+
+
+class Machine:
+    def __init__(self, config: Config, *, output: BinaryIO | None = None,
+                 control_path: str | None = None, kernel_progress: Callable[[str], None] | None = None):
+        self.config = config
+        self.output = output if output is not None else sys.stdout.buffer
+        self.control_path = control_path
+        self.kernel_progress = kernel_progress
+        self._stop_lock = threading.Lock()
+        self._stop: Stop | None = None
+        self._stop_event = threading.Event()
+        self.stopping = threading.Event()
+        self.fs_devices: list[FsDevice] = []
+        self.cmdline = ""
+        self.on_console_line: Callable[[bytes], None] | None = None   # tests watch the console
+
+    # ------------------------------------------------------------------ stop requests
+    def request_stop(self, stop: Stop) -> None:
+        """First reason wins; wakes the main thread."""
+        with self._stop_lock:
+            if self._stop is None:
+                self._stop = stop
+                log.debug("stop requested: %s %s", stop.reason.value, stop.detail)
+        self._stop_event.set()
+
+    # ------------------------------------------------------------------ metrics
+    def device_metrics(self) -> dict:
+        return {f"fs:{dev.options.tag}": dev.metrics() for dev in self.fs_devices}
+
+    def reset_metrics(self) -> None:
+        for dev in self.fs_devices:
+            dev.reset_metrics()
+
+    # ------------------------------------------------------------------ run
+    def kernel_path(self) -> Path:
+        if self.config.kernel.path != "auto":
+            return Path(self.config.kernel.path)
+        from guest.build import ensure_kernel   # lazy: only `auto` needs the builder
+        return ensure_kernel(progress=self.kernel_progress)
+
+    def build_cmdline(self, devices: list[tuple[int, int]]) -> str:
+        parts = [BASE_CMDLINE]
+        if on_kvm_pvm():
+            log.debug("kvm_pvm detected: adding %s", KVM_PVM_CMDLINE)
+            parts.append(KVM_PVM_CMDLINE)
+        if self.config.vm.discovery in ("cmdline", "both"):
+            parts += [f"virtio_mmio.device=4K@{base:#x}:{gsi}" for base, gsi in devices]
+        if self.config.kernel.cmdline:
+            parts.append(self.config.kernel.cmdline)
+        return " ".join(parts)
+
+    def initrd(self) -> bytes | None:
+        script = agent_script(self.config)
+        user = self.config.kernel.initrd.read_bytes() if self.config.kernel.initrd else b""
+        if script is None:
+            return user or None
+        # cpio archives may be concatenated; each must start 4-byte aligned.
+        pad = (-len(user)) % 4
+        return user + b"\0" * pad + build_initramfs({SCRIPT_PATH: script.encode()})
+
+    def run(self) -> RunResult:
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("Machine.run() must be called from the main thread (it handles signals)")
+        started = time.monotonic()
+        kernel = self.kernel_path()
+        timings: dict[str, float] = {"kernel_ready_s": time.monotonic() - started}
+        with contextlib.ExitStack() as stack:
+            sink = self._assemble_and_run(stack, kernel, started, timings)
+            stop = self._stop or Stop(StopReason.VCPU_ERROR, "no stop reason")
+            metrics = self.device_metrics()
+        timings["total_s"] = time.monotonic() - started
+        return self._result(stop, sink, metrics, timings)
+
+    def _assemble_and_run(self, stack: contextlib.ExitStack, kernel: Path, started: float,
+                          timings: dict[str, float]) -> ConsoleSink:
+        cfg = self.config
+        kvm = stack.enter_context(Kvm())
+        vm = kvm.create_vm()
+        stack.callback(vm.close)
+        vm.set_tss_addr(layout.TSS_ADDR)
+        vm.set_identity_map_addr(layout.IDENTITY_MAP_ADDR)
+        vm.create_irqchip()
+        vm.create_pit2(kb.KVM_PIT_SPEAKER_DUMMY)
+
+        memory = GuestMemory(cfg.vm.memory_mib << 20)
+        stack.callback(memory.close)
+        memory.register(vm)
+
+        pio = Bus("pio")
+        mmio = Bus("mmio")
+        log_file = None
+        if cfg.serial.log is not None:
+            log_file = stack.enter_context(open(cfg.serial.log, "ab"))
+        sink = ConsoleSink(self.output, log_file, on_line=self.on_console_line)
+        serial = Serial(sink, irq=lambda: (vm.irq_line(layout.COM1_IRQ, 1),
+                                           vm.irq_line(layout.COM1_IRQ, 0)))
+        pio.insert(layout.COM1_PORT, 8, serial, "com1")
+        pio.insert(layout.I8042_DATA_PORT, 5, I8042(
+            lambda: self.request_stop(Stop(StopReason.GUEST_RESET))), "i8042")
+
+        announced = self._add_fs_devices(stack, vm, memory, mmio)
+        self.cmdline = self.build_cmdline(announced)
+        boot = load_kernel(memory, kernel, self.cmdline, self.initrd())
+        log.debug("kernel %s (%s) entry %#x cmdline: %s", kernel, boot.kind, boot.entry, self.cmdline)
+
+        supported_cpuid = kvm.get_supported_cpuid()
+        threads: list[VcpuThread] = []
+        for index in range(cfg.vm.vcpus):
+            vcpu = vm.create_vcpu(index)
+            stack.callback(vcpu.close)
+            configure_vcpu(vcpu, supported_cpuid, index, cfg.vm.vcpus, boot)
+            threads.append(VcpuThread(vcpu, pio, mmio, memory, self.request_stop, self.stopping))
+
+        stack.callback(self._stop_threads, threads)
+        stack.enter_context(self._signals())
+        if self.control_path:
+            from .control import ControlServer
+            stack.enter_context(ControlServer(self.control_path, self))
+        stack.enter_context(self._stdin_to(serial))
+        sink.start = started
+        timings["setup_s"] = time.monotonic() - started
+        for t in threads:
+            t.start()
+        self._wait(cfg.guest.timeout, sink)
+        sink.flush()
+        timings["exits"] = sum(t.exits for t in threads)
+        if sink.first_agent_line_at is not None:
+            timings["to_agent_s"] = sink.first_agent_line_at - started
+        if sink.exit_line_at is not None:
+            timings["to_exit_line_s"] = sink.exit_line_at - started
+        return sink
+
+    def _add_fs_devices(self, stack: contextlib.ExitStack, vm, memory, mmio: Bus
+                        ) -> list[tuple[int, int]]:
+        announced = []
+        for i, options in enumerate(self.config.devices):
+            base = layout.virtio_mmio_addr(i)
+            gsi = layout.virtio_gsi(i)
+            irq_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            stack.callback(os.close, irq_fd)
+            vm.irqfd(irq_fd, gsi)
+            stack.callback(vm.irqfd, irq_fd, gsi, deassign=True)
+            device = FsDevice(options)
+            transport = MmioTransport(device, memory, irq_fd)
+            stack.callback(transport.close)
+            for q, efd in enumerate(transport.queue_events):
+                vm.ioeventfd(efd, base + VIRTIO_MMIO_QUEUE_NOTIFY, 4, datamatch=q)
+                stack.callback(vm.ioeventfd, efd, base + VIRTIO_MMIO_QUEUE_NOTIFY, 4,
+                               datamatch=q, deassign=True)
+            mmio.insert(base, layout.VIRTIO_MMIO_SIZE, transport, f"virtio-fs:{options.tag}")
+            self.fs_devices.append(device)
+            announced.append((base, gsi))
+        return announced
+
+    def _wait(self, timeout: float, sink: ConsoleSink) -> None:
+        deadline = time.monotonic() + timeout
+        while not self._stop_event.wait(min(0.5, max(0.0, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline:
+                self.request_stop(Stop(StopReason.TIMEOUT, f"no exit after {timeout:g} s"))
+
+    def _stop_threads(self, threads: list[VcpuThread]) -> None:
+        self.stopping.set()
+        for _ in range(200):
+            alive = [t for t in threads if t.is_alive()]
+            if not alive:
+                return
+            for t in alive:
+                t.kick()
+                if t.ident is not None:
+                    with contextlib.suppress(ProcessLookupError):
+                        signal.pthread_kill(t.ident, signal.SIGUSR1)
+            for t in alive:
+                t.join(0.05)
+        log.error("vCPU threads did not stop: %s", [t.name for t in threads if t.is_alive()])
+
+    @contextlib.contextmanager
+    def _signals(self):
+        """SIGINT/SIGTERM stop the VM; SIGUSR1 (a no-op handler) interrupts KVM_RUN in vCPU threads."""
+        def stop(signum, _frame):
+            self.request_stop(Stop(StopReason.SIGNAL, signal.Signals(signum).name))
+        previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, lambda *_: None)
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    @contextlib.contextmanager
+    def _stdin_to(self, serial: Serial):
+        """Forward the host terminal to COM1 in cbreak mode (Ctrl-C still stops the VM)."""
+        if not self.config.serial.stdin or not sys.stdin.isatty():
+            yield
+            return
+        import termios
+        import tty
+        fd = sys.stdin.fileno()
+        saved = termios.tcgetattr(fd)
+        stop_r, stop_w = os.pipe()
+        import select
+
+        def pump():
+            while True:
+                ready, _, _ = select.select([fd, stop_r], [], [])
+                if stop_r in ready:
+                    return
+                data = os.read(fd, 256)
+                if not data:
+                    return
+                serial.enqueue_input(data)
+
+        tty.setcbreak(fd)
+        t = threading.Thread(target=pump, name="stdin", daemon=True)
+        t.start()
+        try:
+            yield
+        finally:
+            os.write(stop_w, b"x")
+            t.join(1)
+            termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+            os.close(stop_r)
+            os.close(stop_w)
+
+    # ------------------------------------------------------------------ result
+    def _result(self, stop: Stop, sink: ConsoleSink, metrics: dict, timings: dict) -> RunResult:
+        parser = sink.parser
+        status = parser.exit_status
+        message = ""
+        if parser.panic:
+            exit_status = EXIT_GUEST_PANIC
+            message = f"guest kernel panic: {parser.panic}"
+        elif stop.reason is StopReason.INTERNAL_ERROR:
+            exit_status = EXIT_EMULATION_FAILURE
+            message = f"{stop.reason.value}: {stop.detail}"
+        elif stop.reason is StopReason.TIMEOUT:
+            exit_status = EXIT_TIMEOUT
+            message = f"guest {stop.reason.value}: {stop.detail}"
+        elif stop.reason is StopReason.SIGNAL:
+            exit_status = EXIT_SIGTERM if stop.detail == "SIGTERM" else EXIT_SIGINT
+            message = f"{stop.reason.value} ({stop.detail})"
+        elif status is not None:
+            exit_status = status
+        elif stop.reason in (StopReason.VCPU_ERROR, StopReason.FAIL_ENTRY):
+            exit_status = EXIT_VCPU_ERROR
+            message = f"{stop.reason.value}: {stop.detail}"
+        else:
+            exit_status = EXIT_NO_STATUS
+            message = f"guest stopped ({stop.reason.value}) without an agent exit status"
+        return RunResult(exit_status=exit_status, stop=stop, agent_status=status, console=sink,
+                         metrics=metrics, timings=timings, message=message)
