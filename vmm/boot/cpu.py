@@ -82,6 +82,10 @@ def boot_msrs() -> list[tuple[int, int]]:
     ]
 
 
+KVM_CPUID_FEATURES = 0x40000001     # KVM paravirt feature leaf (asm/kvm_para.h)
+KVM_FEATURE_PV_SEND_IPI = 11
+
+
 def vcpu_cpuid(supported: kb.kvm_cpuid2, index: int, num_vcpus: int) -> kb.kvm_cpuid2:
     """A copy of ``supported`` (nent entries) patched for vCPU ``index`` of ``num_vcpus``."""
     n = supported.nent
@@ -101,11 +105,33 @@ def vcpu_cpuid(supported: kb.kvm_cpuid2, index: int, num_vcpus: int) -> kb.kvm_c
             else:
                 e.edx &= ~CPUID_1_EDX_HTT & 0xFFFFFFFF
         elif e.function in (0xB, 0x1F):
+            # Extended topology: one thread per core, num_vcpus cores in one package. The host's
+            # values (SMT siblings) would contradict leaf 4 and Linux reports "topology borken".
             e.edx = index                     # x2APIC id of this logical processor
+            if e.index == 0:                  # SMT level
+                e.eax, e.ebx, e.ecx = 0, 1, (1 << 8) | 0
+            elif e.index == 1:                # core level
+                e.eax = max(num_vcpus - 1, 0).bit_length()
+                e.ebx, e.ecx = num_vcpus, (2 << 8) | 1
+            else:                             # no further levels
+                e.eax, e.ebx, e.ecx = 0, 0, e.index
+        elif e.function == 4 and e.eax & 0x1F:
+            # Deterministic cache parameters: L1/L2 private to a core, L3 shared by all vCPUs,
+            # num_vcpus cores per package (EAX[31:26] + 1), consistent with leaf 0xB above.
+            level = (e.eax >> 5) & 0x7
+            sharing = num_vcpus - 1 if level >= 3 else 0
+            e.eax = (e.eax & 0x3FFF) | (sharing << 14) | ((num_vcpus - 1) << 26)
+        elif e.function == 0x80000008:
+            e.ecx = (e.ecx & ~0xFF & 0xFFFFFFFF) | (num_vcpus - 1)   # AMD: cores per package - 1
         elif e.function == 6:
             e.eax &= ~CPUID_6_EAX_TURBO & 0xFFFFFFFF
         elif e.function == 0xA:
             e.eax = e.ebx = e.ecx = e.edx = 0  # no architectural PMU
+        elif e.function == KVM_CPUID_FEATURES:
+            # PV send-IPI makes an AP issue a KVM_HC_SEND_IPI vmcall while it comes up; on kvm_pvm
+            # that vmcall never completes and SMP boot hangs (seen: vcpu1 RIP on 0f 01 c1, rax=10).
+            # Plain x2APIC/xAPIC IPIs work everywhere, so do not offer the PV path.
+            e.eax &= ~(1 << KVM_FEATURE_PV_SEND_IPI) & 0xFFFFFFFF
     return out
 
 
