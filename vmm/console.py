@@ -57,10 +57,14 @@ class ConsoleSink:
         if self.log_file is not None:
             self.log_file.write(line)
             self.log_file.flush()
-        if self.output is not None and (self.show_agent_lines or not is_agent):
-            self.output.write(line)
+        parsed = self.parser.feed(line)
+        if self.output is not None:
+            if parsed and parsed[0].kind == "echo":
+                # `echo TEXT` is for the user: show the text itself, as a shell's echo would.
+                self.output.write((parsed[0].text or "").encode() + b"\n")
+            elif self.show_agent_lines or not is_agent:
+                self.output.write(line)
             self.output.flush()
-        self.parser.feed(line)
         if self.exit_line_at is None and self.parser.exit_status is not None:
             self.exit_line_at = now
         if self.on_line is not None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Callable
 
+from devices.acpi_pm import ACPI_PM_IO_SIZE, AcpiPmDevice
 from devices.i8042 import I8042
 from devices.serial import Serial
 from devices.virtio.fs.device import FsDevice
@@ -28,13 +29,14 @@ from kvm_sys import bindings as kb
 from guest.initramfs import build_initramfs
 
 from . import layout
+from .acpi import build_acpi_tables
 from .boot import load_kernel
 from .boot.cpu import configure_vcpu
 from .bus import Bus
 from .config import Config
 from .console import ConsoleSink
 from .memory import GuestMemory
-from .vcpu import Stop, StopReason, VcpuThread
+from .vcpu import Stop, StopReason, VcpuThread, describe_thread
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +103,7 @@ class Machine:
         self._stop_event = threading.Event()
         self.stopping = threading.Event()
         self.fs_devices: list[FsDevice] = []
+        self.vcpu_report = ""
         self.cmdline = ""
         self.on_console_line: Callable[[bytes], None] | None = None   # tests watch the console
 
@@ -128,8 +131,16 @@ class Machine:
         from guest.build import ensure_kernel   # lazy: only `auto` needs the builder
         return ensure_kernel(progress=self.kernel_progress)
 
-    def build_cmdline(self, devices: list[tuple[int, int]]) -> str:
+    def uses_acpi(self) -> bool:
+        """ACPI tables are written when devices are announced through them or for SMP (the MADT
+        lists the CPUs). Otherwise the guest boots with acpi=off: parsing tables costs boot time in
+        a guest whose kernel runs through an instruction emulator on kvm_pvm."""
+        return self.config.vm.discovery in ("acpi", "both") or self.config.vm.vcpus > 1
+
+    def build_cmdline(self, devices: list[tuple[int, int]], acpi: bool = False) -> str:
         parts = [BASE_CMDLINE]
+        if not acpi:
+            parts.append("acpi=off")
         if on_kvm_pvm():
             log.debug("kvm_pvm detected: adding %s", KVM_PVM_CMDLINE)
             parts.append(KVM_PVM_CMDLINE)
@@ -189,8 +200,9 @@ class Machine:
             lambda: self.request_stop(Stop(StopReason.GUEST_RESET))), "i8042")
 
         announced = self._add_fs_devices(stack, vm, memory, mmio)
-        self.cmdline = self.build_cmdline(announced)
-        boot = load_kernel(memory, kernel, self.cmdline, self.initrd())
+        rsdp = self._add_acpi(memory, pio, announced)
+        self.cmdline = self.build_cmdline(announced, acpi=rsdp is not None)
+        boot = load_kernel(memory, kernel, self.cmdline, self.initrd(), acpi_rsdp=rsdp)
         log.debug("kernel %s (%s) entry %#x cmdline: %s", kernel, boot.kind, boot.entry, self.cmdline)
 
         supported_cpuid = kvm.get_supported_cpuid()
@@ -201,8 +213,10 @@ class Machine:
             configure_vcpu(vcpu, supported_cpuid, index, cfg.vm.vcpus, boot)
             threads.append(VcpuThread(vcpu, pio, mmio, memory, self.request_stop, self.stopping))
 
-        stack.callback(self._stop_threads, threads)
         stack.enter_context(self._signals())
+        # Registered after the signal handlers so it runs before they are restored: the SIGUSR1
+        # kick must never meet the default action (which would kill the VMM).
+        stack.callback(self._stop_threads, threads)
         if self.control_path:
             from .control import ControlServer
             stack.enter_context(ControlServer(self.control_path, self))
@@ -213,7 +227,13 @@ class Machine:
             t.start()
         self._wait(cfg.guest.timeout, sink)
         sink.flush()
+        self._stop_threads(threads)
         timings["exits"] = sum(t.exits for t in threads)
+        if self._stop is not None and self._stop.reason in (StopReason.TIMEOUT, StopReason.SIGNAL,
+                                                            StopReason.CONTROL):
+            # A guest that had to be stopped from outside: say where each vCPU was.
+            self.vcpu_report = "\n".join(describe_thread(t) for t in threads)
+            log.warning("vCPU state at stop:\n%s", self.vcpu_report)
         if sink.first_agent_line_at is not None:
             timings["to_agent_s"] = sink.first_agent_line_at - started
         if sink.exit_line_at is not None:
@@ -242,6 +262,21 @@ class Machine:
             announced.append((base, gsi))
         return announced
 
+    def _add_acpi(self, memory, pio: Bus, announced: list[tuple[int, int]]) -> int | None:
+        if not self.uses_acpi():
+            return None
+        described = []
+        if self.config.vm.discovery in ("acpi", "both"):
+            described = [(base, layout.VIRTIO_MMIO_SIZE, gsi) for base, gsi in announced]
+        # i8042=False: our i8042 models only the reset line, so Linux must not probe a keyboard
+        # controller (reboot=k writes port 0x64 directly and needs no driver).
+        tables = build_acpi_tables(self.config.vm.vcpus, described, i8042=False)
+        tables.write_to(memory)
+        pio.insert(layout.ACPI_PM_PORT, ACPI_PM_IO_SIZE, AcpiPmDevice(
+            on_poweroff=lambda: self.request_stop(Stop(StopReason.GUEST_POWEROFF)),
+            on_reset=lambda: self.request_stop(Stop(StopReason.GUEST_RESET))), "acpi-pm")
+        return tables.rsdp_addr
+
     def _wait(self, timeout: float, sink: ConsoleSink) -> None:
         deadline = time.monotonic() + timeout
         while not self._stop_event.wait(min(0.5, max(0.0, deadline - time.monotonic()))):
@@ -249,6 +284,7 @@ class Machine:
                 self.request_stop(Stop(StopReason.TIMEOUT, f"no exit after {timeout:g} s"))
 
     def _stop_threads(self, threads: list[VcpuThread]) -> None:
+        """Idempotent: called once the guest is done, and again by the ExitStack on errors."""
         self.stopping.set()
         for _ in range(200):
             alive = [t for t in threads if t.is_alive()]
@@ -316,9 +352,13 @@ class Machine:
         parser = sink.parser
         status = parser.exit_status
         message = ""
-        if parser.panic:
+        panics = [f for f in parser.faults if "Kernel panic" in f]
+        if parser.faults and not panics:
+            # BUG:/Oops lines: the guest kernel went on; report them but keep the agent's verdict.
+            message = "guest kernel reported: " + "; ".join(parser.faults[:3]) + "\n"
+        if panics or (parser.faults and status is None):
             exit_status = EXIT_GUEST_PANIC
-            message = f"guest kernel panic: {parser.panic}"
+            message = f"guest kernel panic: {(panics or parser.faults)[0]}"
         elif stop.reason is StopReason.INTERNAL_ERROR:
             exit_status = EXIT_EMULATION_FAILURE
             message = f"{stop.reason.value}: {stop.detail}"
@@ -330,6 +370,7 @@ class Machine:
             message = f"{stop.reason.value} ({stop.detail})"
         elif status is not None:
             exit_status = status
+            message = message.rstrip()
         elif stop.reason in (StopReason.VCPU_ERROR, StopReason.FAIL_ENTRY):
             exit_status = EXIT_VCPU_ERROR
             message = f"{stop.reason.value}: {stop.detail}"

@@ -8,7 +8,9 @@ virtqueue notifications go through ioeventfds and never stop a vCPU. Every exit 
 
 from __future__ import annotations
 
+import collections
 import ctypes
+import errno
 import enum
 import logging
 import struct
@@ -128,6 +130,7 @@ class VcpuThread(threading.Thread):
         self.on_stop = on_stop
         self.stopping = stopping
         self.exits = 0
+        self.exit_reasons: collections.Counter[int] = collections.Counter()
         size = ctypes.sizeof(kb.kvm_run)
         mmap_size = getattr(vcpu, "mmap_size", size)
         # A byte view over the whole shared kvm_run mapping (the PIO data page lies beyond the struct).
@@ -161,12 +164,14 @@ class VcpuThread(threading.Thread):
                 run[lay.immediate_exit] = 0
                 continue
             except KvmError as exc:
-                if exc.errno == 4:   # EINTR surfaced as KvmError by some wrappers
-                    run[lay.immediate_exit] = 0
+                # EAGAIN: an application processor waiting for INIT/SIPI was woken (KVM blocks it
+                # in the kernel while it is uninitialized and returns EAGAIN): just enter again.
+                if exc.errno == errno.EAGAIN:
                     continue
                 raise
             self.exits += 1
             reason = u32(run, lay.exit_reason)[0]
+            self.exit_reasons[reason] += 1
             if reason == exit_io:
                 self._handle_io()
             elif reason == exit_mmio:
@@ -233,3 +238,20 @@ class VcpuThread(threading.Thread):
             self.mmio.write(phys, bytes(run[lay.mmio_data:lay.mmio_data + length]))
         else:
             run[lay.mmio_data:lay.mmio_data + length] = self.mmio.read(phys, length)
+
+
+EXIT_NAMES = {getattr(kb, n): n for n in dir(kb) if n.startswith("KVM_EXIT_") and
+              isinstance(getattr(kb, n), int) and not n.startswith(("KVM_EXIT_IO_", "KVM_EXIT_HYPERV_",
+                                                                     "KVM_EXIT_XEN_"))}
+MP_STATE_NAMES = {getattr(kb, n): n for n in dir(kb) if n.startswith("KVM_MP_STATE_")}
+
+
+def describe_thread(t: VcpuThread) -> str:
+    """One vCPU after it stopped: MP state, exit counts by reason, registers (for stuck guests)."""
+    try:
+        mp = MP_STATE_NAMES.get(t.vcpu.get_mp_state(), "?")
+    except Exception as exc:  # noqa: BLE001
+        mp = f"unavailable ({exc})"
+    reasons = ", ".join(f"{EXIT_NAMES.get(r, r)}={n}" for r, n in t.exit_reasons.most_common())
+    return (f"vcpu{t.vcpu.index}: mp_state {mp}; {t.exits} exits ({reasons or 'none'})\n"
+            + describe_vcpu(t.vcpu, t.memory))
