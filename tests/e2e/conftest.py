@@ -25,7 +25,12 @@ if not KVM.exists():     # the only allowed skip: a machine without KVM at all
 
 @pytest.fixture(scope="session")
 def kernel() -> Path:
-    """The project kernel; built once per machine (about 5 minutes) and cached outside the repo."""
+    """The project kernel; built once per machine (about 5 minutes) and cached outside the repo.
+
+    PYVMM_TEST_KERNEL=/path/to/vmlinux runs the suite against another kernel (kernel development).
+    """
+    if os.environ.get("PYVMM_TEST_KERNEL"):
+        return Path(os.environ["PYVMM_TEST_KERNEL"])
     from guest.build import ensure_kernel
     return ensure_kernel(progress=lambda msg: print(f"guest kernel: {msg}", flush=True))
 
@@ -59,23 +64,3 @@ def boot(kernel) -> Booter:
     return Booter(kernel)
 
 
-def share(path: Path, tag: str = "share", **kw) -> FsOptions:
-    return FsOptions(source=str(path), tag=tag, **kw)
-
-
-def steps_by_op(result, op: str):
-    return [s for s in result.steps if s.op == op]
-
-
-def fs_metrics(result, tag: str = "share") -> dict:
-    return result.metrics[f"fs:{tag}"]
-
-
-def assert_ok(result):
-    assert result.exit_status == 0, (result.message, result.output[-3000:])
-    failed = [s for s in result.steps if s.result != "ok"]
-    assert not failed, failed
-
-
-def open_fds() -> set[int]:
-    return {int(n) for n in os.listdir("/proc/self/fd")}

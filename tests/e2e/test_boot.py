@@ -7,7 +7,7 @@ import sys
 import threading
 from pathlib import Path
 
-from .conftest import open_fds, steps_by_op
+from tests.e2e.helpers import open_fds, steps_by_op
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -18,7 +18,7 @@ def test_cli_echo_and_exit_status(kernel):
                         "--kernel", str(kernel), "--exec", "echo hello-from-guest; exit 3"],
                        cwd=REPO, capture_output=True, text=True, timeout=600)
     assert r.returncode == 3, r.stderr[-2000:]
-    assert "hello-from-guest" in r.stdout.splitlines()
+    assert "hello-from-guest" in r.stdout.splitlines()   # shown as plain text
     assert "agent first line at" in r.stderr
 
 
@@ -38,7 +38,7 @@ def test_unknown_op_fails_the_script_before_running_anything(boot):
     r = boot("echo first\nfrobnicate 1 2\nexit 0\n")
     assert r.exit_status == 2
     assert r.steps == []                     # validated up front: nothing ran
-    assert any("frobnicate" in e.message for e in r.console.parser.errors)
+    assert any("frobnicate" in e.msg for e in r.console.parser.errors)
 
 
 def test_bad_argument_and_unexpected_result(boot):
