@@ -70,6 +70,7 @@ class RunResult:
     metrics: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
     message: str = ""
+    cmdline: str = ""
 
     @property
     def steps(self):
@@ -378,4 +379,4 @@ class Machine:
             exit_status = EXIT_NO_STATUS
             message = f"guest stopped ({stop.reason.value}) without an agent exit status"
         return RunResult(exit_status=exit_status, stop=stop, agent_status=status, console=sink,
-                         metrics=metrics, timings=timings, message=message)
+                         metrics=metrics, timings=timings, message=message, cmdline=self.cmdline)
