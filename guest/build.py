@@ -48,6 +48,7 @@ TREE_NAME = "linux-source-6.1"        # the tarball's top-level directory
 ARCH = "x86_64"                       # also makes tinyconfig 64-bit
 # Bump when the recipe below changes in a way that changes the output.
 RECIPE_VERSION = "1"
+KEEP_KERNELS = 3          # cached kernels kept (other checkouts/branches may want older ones)
 
 GUEST_DIR = Path(__file__).resolve().parent
 FRAGMENT = GUEST_DIR / "kernel" / "pyvmm.config"
@@ -364,6 +365,16 @@ def _make_vmlinux(tree: Path, log_fh, log_path: Path, progress: Progress) -> Non
     _say(progress, f"compiled {compiled} files in {time.monotonic() - started:.0f} s")
 
 
+def _prune(root: Path, keep: int = KEEP_KERNELS) -> None:
+    """Drop all but the `keep` newest cached kernels (17 MB each) and their build logs."""
+    kernels = sorted((d for d in (root / "kernel").iterdir() if d.is_dir()),
+                     key=lambda d: d.stat().st_mtime, reverse=True)
+    for old in kernels[keep:]:
+        log.info("pruning old guest kernel %s", old)
+        shutil.rmtree(old, ignore_errors=True)
+        (root / "build" / f"build-{old.name}.log").unlink(missing_ok=True)
+
+
 # ---------------------------------------------------------------------------------------- entry
 
 def ensure_kernel(progress: Progress = None, force: bool = False) -> Path:
@@ -402,6 +413,7 @@ def ensure_kernel(progress: Progress = None, force: bool = False) -> Path:
             "recipe": RECIPE_VERSION, "patches": [n for n, _ in inputs.patches],
             "agent": [n for n, _ in inputs.agent]}, indent=2) + "\n")
         os.replace(tmp, out)
+        _prune(root)
         _say(progress, f"guest kernel ready: {out}")
         return out
 

@@ -145,3 +145,18 @@ def test_patches_apply_to_the_source_package(tmp_path):
                              input=p.read_bytes(), capture_output=True)
         assert res.returncode == 0, (p.name, res.stdout.decode())
     assert "pyvmm_agent/" in (tree / "fs/Makefile").read_text()
+
+
+def test_prune_keeps_the_newest_kernels(tmp_path):
+    import os
+    kdir = tmp_path / "kernel"
+    (tmp_path / "build").mkdir()
+    for i in range(5):
+        d = kdir / f"k{i}"
+        d.mkdir(parents=True)
+        (d / "vmlinux").write_bytes(b"x")
+        (tmp_path / "build" / f"build-k{i}.log").write_text("log")
+        os.utime(d, (1000 + i, 1000 + i))
+    build._prune(tmp_path, keep=2)
+    assert sorted(p.name for p in kdir.iterdir()) == ["k3", "k4"]
+    assert sorted(p.name for p in (tmp_path / "build").iterdir()) == ["build-k3.log", "build-k4.log"]
