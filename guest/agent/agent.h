@@ -20,7 +20,7 @@
 #include <linux/init.h>
 #include <linux/compiler.h>
 
-#define PYV_MAX_ARGS	8		/* tokens after the op name */
+#define PYV_MAX_ARGS	16		/* tokens after the op name */
 #define PYV_MAX_STEPS	4096
 #define PYV_SCRIPT_MAX	(256 * 1024)
 #define PYV_OUT_MAX	480		/* extra "key=value" text per step line */
