@@ -75,7 +75,7 @@ def pattern(size: int, seed: int = 0, offset: int = 0) -> bytes:
 # name -> (min_args, max_args), not counting a final expect=ERRNO. Mirrors pyv_ops[] in
 # guest/agent/ops.c (checked by a test).
 OPS: dict[str, tuple[int, int]] = {
-    "echo": (0, 16), "exit": (1, 1), "sleep": (1, 1), "uptime": (0, 0), "cpus": (0, 0),
+    "echo": (0, 16), "exit": (1, 1), "poweroff": (0, 1), "sleep": (1, 1), "uptime": (0, 0), "cpus": (0, 0),
     "meminfo": (0, 0), "mark": (1, 1), "mount": (2, 2), "stat": (1, 2), "probe": (3, 3),
     "create": (1, 1), "write": (2, 3), "append": (2, 3), "read": (1, 1), "truncate": (2, 2),
     "fallocate": (3, 4), "mkdir": (1, 1), "rmdir": (1, 1), "unlink": (1, 1), "rename": (2, 3),

@@ -106,7 +106,7 @@ void __init pyv_error(int line, const char *msg, const char *detail)
 }
 
 /* Run the steps in order; returns the exit status. */
-static int __init pyv_run(struct pyv_step *steps, int nsteps)
+static int __init pyv_run(struct pyv_step *steps, int nsteps, bool *poweroff)
 {
 	struct pyv_out *out;
 	int i, status = 0;
@@ -137,6 +137,7 @@ static int __init pyv_run(struct pyv_step *steps, int nsteps)
 		}
 		if (out->exit) {
 			status = out->status;
+			*poweroff = out->poweroff;
 			break;
 		}
 	}
@@ -144,11 +145,17 @@ static int __init pyv_run(struct pyv_step *steps, int nsteps)
 	return status;
 }
 
-/* Flush what the steps wrote (writeback cache), report, reset. */
-static void __init pyv_finish(int status)
+/*
+ * Flush what the steps wrote (writeback cache), report, then reset (or
+ * power off: ACPI S5 when the VMM gave ACPI tables; without them there is
+ * no power-off method and kernel_power_off() returns, so reset anyway).
+ */
+static void __init pyv_finish(int status, bool poweroff)
 {
 	ksys_sync();
 	pyv_emit("exit status=%d", status);
+	if (poweroff)
+		kernel_power_off();
 	kernel_restart(NULL);
 }
 
@@ -174,8 +181,9 @@ static int __init pyv_agent_init(void)
 	struct pyv_step *steps;
 	struct file *f;
 	ssize_t len;
+	bool poweroff = false;
 	char *text;
-	int nsteps;
+	int nsteps, status;
 
 	wait_for_initramfs();
 	f = filp_open(PYV_SCRIPT_PATH, O_RDONLY, 0);
@@ -183,26 +191,27 @@ static int __init pyv_agent_init(void)
 		if (PTR_ERR(f) == -ENOENT)
 			return 0;	/* no script: an ordinary boot */
 		pyv_error(0, "cannot open", PYV_SCRIPT_PATH);
-		pyv_finish(2);
+		pyv_finish(2, false);
 	}
 	text = kvmalloc(PYV_SCRIPT_MAX + 2, GFP_KERNEL);
 	steps = kvcalloc(PYV_MAX_STEPS, sizeof(*steps), GFP_KERNEL);
 	if (!text || !steps) {
 		pyv_error(0, "out of memory", NULL);
-		pyv_finish(2);
+		pyv_finish(2, false);
 	}
 	len = pyv_read_script(f, text);
 	fput(f);
 	if (len < 0) {
 		pyv_error(0, len == -EFBIG ? "script too large" : "cannot read",
 			 PYV_SCRIPT_PATH);
-		pyv_finish(2);
+		pyv_finish(2, false);
 	}
 	nsteps = pyv_parse_script(text, len, steps, PYV_MAX_STEPS);
 	if (nsteps < 0)
-		pyv_finish(2);
+		pyv_finish(2, false);
 	pyv_emit("start steps=%d uptime_ns=%llu", nsteps, ktime_get_boottime_ns());
-	pyv_finish(pyv_run(steps, nsteps));
+	status = pyv_run(steps, nsteps, &poweroff);
+	pyv_finish(status, poweroff);
 	return 0;
 }
 late_initcall_sync(pyv_agent_init);

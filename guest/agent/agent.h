@@ -59,7 +59,8 @@ struct pyv_out {
 	char extra[PYV_OUT_MAX];
 	int len;
 	bool mismatch;	/* a repeated op (stat xN, probe) saw an unexpected outcome */
-	bool exit;	/* the exit op ran: stop with status */
+	bool exit;	/* exit/poweroff ran: stop with status */
+	bool poweroff;	/* ... and power off (ACPI S5) instead of resetting */
 	int status;
 	bool echo;	/* print the joined arguments on their own line first */
 };

@@ -65,6 +65,8 @@ static const char *__init parse_probe(struct pyv_step *st)
 
 static const char *__init parse_exit(struct pyv_step *st)
 {
+	if (!st->argc)
+		return NULL;
 	return pyv_parse_u64(st->argv[0], &st->num[0], 255);
 }
 
@@ -274,6 +276,14 @@ static int __init run_exit(struct pyv_step *st, struct pyv_out *out)
 {
 	out->exit = true;
 	out->status = st->num[0];
+	return 0;
+}
+
+static int __init run_poweroff(struct pyv_step *st, struct pyv_out *out)
+{
+	out->exit = true;
+	out->poweroff = true;
+	out->status = st->argc ? st->num[0] : 0;
 	return 0;
 }
 
@@ -676,6 +686,7 @@ const struct pyv_op pyv_ops[] __initconst = {
 	/* name		min max	parse			run */
 	{ "echo",	0, PYV_MAX_ARGS, NULL,		run_echo },
 	{ "exit",	1, 1,	parse_exit,		run_exit },
+	{ "poweroff",	0, 1,	parse_exit,		run_poweroff },
 	{ "sleep",	1, 1,	parse_sleep,		run_sleep },
 	{ "uptime",	0, 0,	NULL,			run_uptime },
 	{ "cpus",	0, 0,	NULL,			run_cpus },
