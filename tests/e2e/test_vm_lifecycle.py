@@ -1,0 +1,65 @@
+"""How a VM ends when it does not end by itself: signals, and a guest that cannot go on."""
+
+from __future__ import annotations
+
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def start(kernel: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "vmm", "run", "configs/default.yaml",
+                             "--kernel", str(kernel), *args], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("sig, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_stops_a_running_guest(kernel, sig, status):
+    proc = start(kernel, "--exec", "sleep 600000")
+    try:
+        for line in proc.stdout:                 # wait until the agent is running its script
+            if "@@pyvmm start" in line:
+                break
+        else:
+            pytest.fail(f"guest never started its script: {proc.stderr.read()[-2000:]}")
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == status, err[-2000:]
+    assert f"stopped by signal ({sig.name})" in err
+    assert "mp_state" in err                     # each vCPU's state at the stop is reported
+    assert "Traceback" not in err
+
+
+def tiny_elf(code: bytes, entry: int = 0x1000000) -> bytes:
+    """A one-segment ELF64 'kernel' whose entry point is `code`."""
+    ident = b"\x7fELF" + bytes([2, 1, 1, 0]) + bytes(8)
+    ehdr = struct.pack("<16sHHIQQQIHHHHHH", ident, 2, 62, 1, entry, 64, 0, 0, 64, 56, 1, 64, 0, 0)
+    phdr = struct.pack("<IIQQQQQQ", 1, 5, 120, entry, entry, len(code), len(code), 0x1000)
+    return ehdr + phdr + code
+
+
+def test_guest_that_cannot_go_on_is_reported(tmp_path):
+    """An int3 with no IDT: hardware KVM triple-faults (KVM_EXIT_SHUTDOWN); kvm_pvm's emulator
+    refuses int3 (KVM_EXIT_INTERNAL_ERROR). Either way the VM ends with a clear report."""
+    kernel = tmp_path / "int3.elf"
+    # out 0x3f8 'K' (proves our code ran), then int3.
+    kernel.write_bytes(tiny_elf(b"\x66\xba\xf8\x03\xb0K\xee\xcc\xeb\xfe"))
+    r = subprocess.run([sys.executable, "-m", "vmm", "run", "configs/default.yaml",
+                        "--kernel", str(kernel)], cwd=REPO, capture_output=True, text=True,
+                       timeout=120)
+    assert r.stdout.startswith("K")
+    if r.returncode == 111:
+        assert "emulation failure" in r.stderr and "bytes at rip: cc eb fe" in r.stderr
+        assert "rip=0x0000000001000007" in r.stderr
+    else:
+        assert r.returncode == 112, r.stderr
+        assert "triple fault" in r.stderr
