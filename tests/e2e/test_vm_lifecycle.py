@@ -63,3 +63,30 @@ def test_guest_that_cannot_go_on_is_reported(tmp_path):
     else:
         assert r.returncode == 112, r.stderr
         assert "triple fault" in r.stderr
+
+
+def test_terminal_mode_is_restored_after_a_run(kernel):
+    """With a TTY on stdin the console is interactive (cbreak mode, keys go to COM1); whatever
+    happens, the terminal's settings are back as they were when the VMM exits."""
+    import os
+    import termios
+    master, slave = os.openpty()
+    try:
+        before = termios.tcgetattr(slave)
+        proc = subprocess.Popen([sys.executable, "-m", "vmm", "run", "configs/default.yaml",
+                                 "--kernel", str(kernel), "--exec", "sleep 1500; exit 5"],
+                                cwd=REPO, stdin=slave, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        for line in proc.stdout:
+            if "@@pyvmm start" in line:
+                break
+        during = termios.tcgetattr(slave)
+        os.write(master, b"typed keys\n")        # reaches the guest's UART receive buffer
+        _, err = proc.communicate(timeout=120)
+        after = termios.tcgetattr(slave)
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert proc.returncode == 5, err[-2000:]
+    assert during[3] & termios.ICANON == 0 and during[3] & termios.ECHO == 0
+    assert after == before
