@@ -16,8 +16,7 @@ from .config import ConfigError, exec_to_script, load_config, parse_shared_dir, 
 
 log = logging.getLogger("vmm")
 
-EXIT_USAGE = 2
-EXIT_FAILURE = 1
+from .errors import EXIT_FAILURE, EXIT_USAGE
 
 
 def _progress(message: str) -> None:
@@ -137,9 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # noqa: BLE001 - user-facing errors below; others get a traceback with -v
-        from .errors import user_message
-        message = user_message(exc)
-        if message is None:
+        from .errors import user_error
+        known = user_error(exc)
+        if known is None:
             raise
+        message, status = known
         print(f"pyvmm: error: {message}", file=sys.stderr)
-        return EXIT_USAGE if getattr(exc, "usage", False) else EXIT_FAILURE
+        return status

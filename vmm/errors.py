@@ -8,7 +8,12 @@ from __future__ import annotations
 import errno
 
 
-def user_message(exc: BaseException) -> str | None:
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+
+
+def user_error(exc: BaseException) -> tuple[str, int] | None:
+    """(one-line message, exit status) for errors the user can act on; None for bugs."""
     from kvm_sys import KvmError
     from .boot import BootError
     try:
@@ -16,17 +21,18 @@ def user_message(exc: BaseException) -> str | None:
     except ImportError:        # pragma: no cover - the builder is optional at import time
         BuildError = ()        # type: ignore[assignment]
 
-    if isinstance(exc, BootError):
-        exc.usage = True       # a kernel we cannot load is a configuration problem
-        return f"cannot load the kernel: {exc}"
+    if isinstance(exc, BootError):     # a kernel we cannot load is a configuration problem
+        return f"cannot load the kernel: {exc}", EXIT_USAGE
     if BuildError and isinstance(exc, BuildError):
-        return f"guest kernel build failed: {exc}"
+        return f"guest kernel build failed: {exc}", EXIT_FAILURE
     if isinstance(exc, KvmError):
-        return f"KVM: {exc}"
+        return f"KVM: {exc}", EXIT_FAILURE
     if isinstance(exc, FileNotFoundError) and exc.filename == "/dev/kvm":
-        return "/dev/kvm does not exist: load the kvm module (modprobe kvm_intel or kvm_amd)"
+        return ("/dev/kvm does not exist: load the kvm module (modprobe kvm_intel or kvm_amd)",
+                EXIT_FAILURE)
     if isinstance(exc, PermissionError) and exc.filename == "/dev/kvm":
-        return "no permission to open /dev/kvm: add yourself to the 'kvm' group or run as root"
+        return ("no permission to open /dev/kvm: add yourself to the 'kvm' group or run as root",
+                EXIT_FAILURE)
     if isinstance(exc, OSError) and exc.errno in (errno.ENOMEM, errno.ENOSPC):
-        return str(exc)
+        return str(exc), EXIT_FAILURE
     return None

@@ -89,13 +89,14 @@ class _RunLayout:
 
     @staticmethod
     def _check(run: type, union: int) -> None:
-        # Cross-check our union-relative offsets against the generated member structs.
-        io = getattr(kb, "struct_kvm_run_io", None) or _find_member_type(run, "io")
-        if io is not None:
-            assert io.port.offset == 2 and io.data_offset.offset == 8, "kvm_run.io layout changed"
+        """Cross-check our union-relative offsets against the generated member structs."""
+        io = _find_member_type(run, "io")
         mmio = _find_member_type(run, "mmio")
-        if mmio is not None:
-            assert mmio.len.offset == 16 and mmio.is_write.offset == 20, "kvm_run.mmio layout changed"
+        if io is None or mmio is None:
+            raise RuntimeError("kvm_sys.bindings: kvm_run has no io/mmio exit members")
+        if (io.port.offset, io.data_offset.offset) != (2, 8) or \
+                (mmio.len.offset, mmio.is_write.offset) != (16, 20):
+            raise RuntimeError("kvm_sys.bindings: kvm_run exit layout differs from vmm/vcpu.py")
 
 
 def _find_member_type(run: type, member: str) -> type | None:
