@@ -90,3 +90,13 @@ def test_terminal_mode_is_restored_after_a_run(kernel):
     assert proc.returncode == 5, err[-2000:]
     assert during[3] & termios.ICANON == 0 and during[3] & termios.ECHO == 0
     assert after == before
+
+
+def test_guest_kernel_panic_is_reported(kernel):
+    """Without a script the agent stays idle and the kernel finds no init: it panics, reboots
+    (panic=-1) and the VMM reports the panic line with its own status."""
+    r = subprocess.run([sys.executable, "-m", "vmm", "run", "configs/default.yaml",
+                        "--kernel", str(kernel)], cwd=REPO, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 110, r.stderr[-2000:]
+    assert "pyvmm: guest kernel panic: Kernel panic - not syncing" in r.stderr
