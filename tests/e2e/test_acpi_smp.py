@@ -35,3 +35,14 @@ def test_acpi_poweroff_ends_the_vm(boot, tmp_path):
     r = boot("poweroff\n", discovery="acpi")
     assert r.stop.reason.name == "GUEST_POWEROFF", (r.stop, r.output[-2000:])
     assert r.exit_status == 0
+
+
+def test_discovery_both_still_gives_one_working_device(boot, tmp_path):
+    """Announced on the command line and in the DSDT: the second registration of the same window
+    fails harmlessly in the guest and the share works once."""
+    r = boot("write /mnt/share/x 100 1\nread /mnt/share/x\nexit 0\n",
+             shares=(share(tmp_path),), discovery="both")
+    assert r.exit_status == 0, (r.message, r.output[-3000:])
+    assert "virtio_mmio.device=" in r.cmdline
+    assert (tmp_path / "x").read_bytes() == pattern(100, 1)
+    assert fs_metrics(r)["ops"]["INIT"] == 1
