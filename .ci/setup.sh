@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
-  build-essential bc bison flex libelf-dev libssl-dev xz-utils   # guest kernel build
+  build-essential bc bison flex libelf-dev libssl-dev xz-utils lz4   # guest kernel build
   linux-source-6.1                                               # guest kernel source
   acpica-tools                                                   # iasl: ACPI table tests
   cpio                                                           # initramfs tests

@@ -47,7 +47,7 @@ TARBALL = Path("/usr/src/linux-source-6.1.tar.xz")
 TREE_NAME = "linux-source-6.1"        # the tarball's top-level directory
 ARCH = "x86_64"                       # also makes tinyconfig 64-bit
 # Bump when the recipe below changes in a way that changes the output.
-RECIPE_VERSION = "1"
+RECIPE_VERSION = "2"   # 2: also builds an LZ4 bzImage
 KEEP_KERNELS = 3          # cached kernels kept (other checkouts/branches may want older ones)
 
 GUEST_DIR = Path(__file__).resolve().parent
@@ -61,7 +61,7 @@ AGENT_FILES = ("Kconfig", "Makefile")
 # command or header -> Debian package that provides it
 BUILD_DEPS: dict[str, str] = {
     "make": "make", "gcc": "gcc", "flex": "flex", "bison": "bison", "bc": "bc", "patch": "patch",
-    "xz": "xz-utils", "perl": "perl",
+    "xz": "xz-utils", "perl": "perl", "lz4": "lz4",
     "/usr/include/gelf.h": "libelf-dev", "/usr/include/openssl/opensslv.h": "libssl-dev",
 }
 
@@ -116,8 +116,13 @@ def kernel_hash(inputs: BuildInputs) -> str:
     return h.hexdigest()[:24]
 
 
-def cached_kernel(digest: str) -> Path:
-    return cache_root() / "kernel" / digest / "vmlinux"
+IMAGES = ("vmlinux", "bzImage")   # the ELF the VMM boots by default, and the boot-protocol image
+
+
+def cached_kernel(digest: str, image: str = "vmlinux") -> Path:
+    if image not in IMAGES:
+        raise ValueError(f"unknown kernel image {image!r} (known: {', '.join(IMAGES)})")
+    return cache_root() / "kernel" / digest / image
 
 
 # ---------------------------------------------------------------------------------------- config
@@ -340,10 +345,10 @@ def _configure(tree: Path, fragment: bytes, log_fh, log_path: Path, progress: Pr
                          "missing or another option selects them):\n  " + "\n  ".join(problems))
 
 
-def _make_vmlinux(tree: Path, log_fh, log_path: Path, progress: Progress) -> None:
+def _make_images(tree: Path, log_fh, log_path: Path, progress: Progress) -> None:
     jobs = os.cpu_count() or 1
-    _say(progress, f"compiling (make -j{jobs} vmlinux; log: {log_path})")
-    cmd = ["make", f"ARCH={ARCH}", f"-j{jobs}", "vmlinux"]
+    _say(progress, f"compiling (make -j{jobs} vmlinux bzImage; log: {log_path})")
+    cmd = ["make", f"ARCH={ARCH}", f"-j{jobs}", "vmlinux", "bzImage"]
     log_fh.write(f"\n$ {' '.join(cmd)}\n".encode())
     log_fh.flush()
     started = last = time.monotonic()
@@ -361,7 +366,7 @@ def _make_vmlinux(tree: Path, log_fh, log_path: Path, progress: Progress) -> Non
     rc = proc.wait()
     log_fh.flush()
     if rc != 0:
-        raise BuildError(f"make vmlinux failed (exit {rc}); log: {log_path}\n" + _tail(log_path))
+        raise BuildError(f"make failed (exit {rc}); log: {log_path}\n" + _tail(log_path))
     _say(progress, f"compiled {compiled} files in {time.monotonic() - started:.0f} s")
 
 
@@ -377,8 +382,12 @@ def _prune(root: Path, keep: int = KEEP_KERNELS) -> None:
 
 # ---------------------------------------------------------------------------------------- entry
 
-def ensure_kernel(progress: Progress = None, force: bool = False) -> Path:
-    """Return the cached guest vmlinux for this checkout, building it first if needed."""
+def ensure_kernel(progress: Progress = None, force: bool = False, image: str = "vmlinux") -> Path:
+    """Return the cached guest kernel for this checkout, building it first if needed.
+
+    `image` is "vmlinux" (the ELF the VMM boots by default: no in-guest decompression, which costs
+    seconds under kvm_pvm's emulator) or "bzImage" (the Linux boot protocol image, LZ4).
+    """
     missing = missing_packages()
     if missing:
         _apt_install(missing, progress)
@@ -387,14 +396,15 @@ def ensure_kernel(progress: Progress = None, force: bool = False) -> Path:
         raise BuildError(f"{SOURCE_PACKAGE} is not installed ({TARBALL} missing)")
     inputs = build_inputs(version)
     digest = kernel_hash(inputs)
+    wanted = cached_kernel(digest, image)
     out = cached_kernel(digest)
-    if out.exists() and not force:
-        log.debug("guest kernel cached: %s", out)
-        return out
+    if all(cached_kernel(digest, i).exists() for i in IMAGES) and not force:
+        log.debug("guest kernel cached: %s", wanted)
+        return wanted
     root = cache_root()
     with _build_lock(root):
-        if out.exists() and not force:       # another process built it while we waited
-            return out
+        if all(cached_kernel(digest, i).exists() for i in IMAGES) and not force:
+            return wanted                    # another process built it while we waited
         _say(progress, f"building the guest kernel {digest} ({SOURCE_PACKAGE} {version})")
         build_dir = root / "build"
         tree = _prepare_tree(build_dir, version, progress)
@@ -403,8 +413,10 @@ def ensure_kernel(progress: Progress = None, force: bool = False) -> Path:
             _apply_patches(tree, inputs.patches, progress)
             _sync_agent(tree, inputs.agent)
             _configure(tree, inputs.fragment, log_fh, log_path, progress)
-            _make_vmlinux(tree, log_fh, log_path, progress)
+            _make_images(tree, log_fh, log_path, progress)
         out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(tree / "arch" / ARCH / "boot" / "bzImage", out.parent / "bzImage.tmp")
+        os.replace(out.parent / "bzImage.tmp", cached_kernel(digest, "bzImage"))
         tmp = out.with_name("vmlinux.tmp")
         shutil.copyfile(tree / "vmlinux", tmp)
         shutil.copyfile(tree / ".config", out.parent / "config")
@@ -412,10 +424,10 @@ def ensure_kernel(progress: Progress = None, force: bool = False) -> Path:
             "source_package": SOURCE_PACKAGE, "source_version": version,
             "recipe": RECIPE_VERSION, "patches": [n for n, _ in inputs.patches],
             "agent": [n for n, _ in inputs.agent]}, indent=2) + "\n")
-        os.replace(tmp, out)
+        os.replace(tmp, out)                 # vmlinux last: its presence marks a complete entry
         _prune(root)
         _say(progress, f"guest kernel ready: {out}")
-        return out
+        return wanted
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -71,6 +71,9 @@ def test_hash_ignores_build_products_in_agent_dir(tmp_path):
 
 def test_cached_path_layout(monkeypatch, tmp_path):
     monkeypatch.setenv("PYVMM_CACHE", str(tmp_path))
+    assert build.cached_kernel("abc", "bzImage") == tmp_path / "kernel" / "abc" / "bzImage"
+    with pytest.raises(ValueError, match="unknown kernel image"):
+        build.cached_kernel("abc", "zImage")
     assert build.cached_kernel("abc") == tmp_path / "kernel" / "abc" / "vmlinux"
     monkeypatch.delenv("PYVMM_CACHE")
     assert build.cached_kernel("abc") == Path.home() / ".cache/pyvmm/kernel/abc/vmlinux"
