@@ -46,3 +46,10 @@ def test_discovery_both_still_gives_one_working_device(boot, tmp_path):
     assert "virtio_mmio.device=" in r.cmdline
     assert (tmp_path / "x").read_bytes() == pattern(100, 1)
     assert fs_metrics(r)["ops"]["INIT"] == 1
+
+
+def test_two_and_eight_vcpus_come_online(boot):
+    for n in (2, 8):
+        r = boot("cpus\nexit 0\n", vcpus=n)
+        assert_ok(r)
+        assert steps_by_op(r, "cpus")[0].extra["cpus"] == str(n)
