@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -160,3 +161,13 @@ def test_cli_garbage_kernel_status_2(tmp_path):
     r = run_cli("run", str(p), "--exec", "exit 0")
     assert r.returncode == 2, r.stderr
     assert "vmlinux" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_installed_console_script_is_the_cli(tmp_path):
+    """`pyvmm` (from pyproject's [project.scripts]) runs the same CLI as `python -m vmm`."""
+    import shutil
+    script = shutil.which("pyvmm", path=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    assert script, "the pyvmm console script is not installed (pip install -e .)"
+    p = write(tmp_path, "vm: {vcpus: 99}\n")
+    r = subprocess.run([script, "run", str(p)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "vm.vcpus: must be between 1 and 8" in r.stderr
