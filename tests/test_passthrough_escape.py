@@ -21,16 +21,11 @@ from devices.virtio.fs.passthrough import PassthroughFs
 from fuse import abi
 from fuse.filesystem import Context, SetattrRequest
 from fuse.io import BytesReader, BytesWriter
+from tests.passthrough_support import errno_of
 
 CTX = Context(uid=0, gid=0, pid=1)
 ROOT = 1
 SECRET = b"TOP SECRET host data\n"
-
-
-def errno_of(fn, *args):
-    with pytest.raises(OSError) as ei:
-        fn(*args)
-    return ei.value.errno
 
 
 def sreq(valid, **kw):

@@ -13,6 +13,7 @@ from devices.virtio.fs.options import FsOptions
 from devices.virtio.fs.passthrough import PassthroughFs
 from fuse import abi
 from fuse.filesystem import Context, Entry
+from tests.passthrough_support import errno_of, make_fs, share  # noqa: F401
 
 CTX = Context(uid=0, gid=0, pid=1)
 ROOT = 1
@@ -20,25 +21,6 @@ ROOT = 1
 
 def nfds() -> int:
     return len(os.listdir("/proc/self/fd"))
-
-
-@pytest.fixture
-def share(tmp_path):
-    d = tmp_path / "share"
-    d.mkdir()
-    return d
-
-
-def make_fs(share, **kw) -> PassthroughFs:
-    fs = PassthroughFs(FsOptions(source=str(share), tag="t", **kw))
-    fs.init(0xFFFFFFFF)
-    return fs
-
-
-def errno_of(fn, *args):
-    with pytest.raises(OSError) as ei:
-        fn(*args)
-    return ei.value.errno
 
 
 # ------------------------------------------------------------------ lookup / forget

@@ -7,11 +7,10 @@ import time
 
 import pytest
 
-from devices.virtio.fs.options import FsOptions
-from devices.virtio.fs.passthrough import PassthroughFs
 from fuse import abi
-from fuse.filesystem import Context, SetattrRequest
+from fuse.filesystem import Context
 from fuse.io import BytesReader, BytesWriter
+from tests.passthrough_support import errno_of, make_fs, share, sreq  # noqa: F401
 
 CTX = Context(uid=0, gid=0, pid=1)
 USER = Context(uid=1234, gid=2345, pid=2)
@@ -22,36 +21,10 @@ FALLOC_FL_PUNCH_HOLE = 0x02
 
 
 @pytest.fixture
-def share(tmp_path):
-    d = tmp_path / "share"
-    d.mkdir()
-    return d
-
-
-def make_fs(share, **kw) -> PassthroughFs:
-    fs = PassthroughFs(FsOptions(source=str(share), tag="t", **kw))
-    fs.init(0xFFFFFFFF)
-    return fs
-
-
-@pytest.fixture
 def fs(share):
     f = make_fs(share)
     yield f
     f.destroy()
-
-
-def errno_of(fn, *args):
-    with pytest.raises(OSError) as ei:
-        fn(*args)
-    return ei.value.errno
-
-
-def sreq(valid, *, fh=None, size=0, mode=0, uid=0, gid=0, atime_ns=0, mtime_ns=0,
-         atime_now=False, mtime_now=False):
-    return SetattrRequest(valid=valid, fh=fh, size=size, mode=mode, uid=uid, gid=gid,
-                          atime_ns=atime_ns, mtime_ns=mtime_ns, atime_now=atime_now,
-                          mtime_now=mtime_now)
 
 
 def read_all(fs, nodeid, fh, size=1 << 16, offset=0) -> bytes:
