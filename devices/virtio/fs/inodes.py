@@ -106,6 +106,14 @@ class InodeTable:
         return existing
 
     @contextmanager
+    def pin_dir(self, nodeid: int) -> Iterator[Inode]:
+        """Like pin(), for a parent directory of a name: a non-directory -> ENOTDIR."""
+        with self.pin(nodeid) as inode:
+            if not inode.is_dir:
+                raise OSError(errno.ENOTDIR, f"nodeid {nodeid} is not a directory")
+            yield inode
+
+    @contextmanager
     def pin(self, nodeid: int) -> Iterator[Inode]:
         """Borrow the inode for the duration of a request; unknown nodeid -> EBADF."""
         with self._lock:

@@ -400,9 +400,7 @@ class PassthroughFs(FileSystem):
             raise _err(errno.EINVAL, "NUL in symlink target")
         if len(target) >= PATH_MAX:
             raise _err(errno.ENAMETOOLONG)
-        with self._inodes.pin(parent) as p:
-            if not p.is_dir:
-                raise _err(errno.ENOTDIR)
+        with self._inodes.pin_dir(parent) as p:
             # The target is only text stored in the link; the server never follows it.
             os.symlink(target, name, dir_fd=p.fd)
             return self._lookup_new(ctx, p, name)
@@ -418,9 +416,7 @@ class PassthroughFs(FileSystem):
             raise _err(errno.EPERM, "device nodes are not allowed in the share")
         if ftype not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK):
             raise _err(errno.EINVAL, "bad file type for mknod")
-        with self._inodes.pin(parent) as p:
-            if not p.is_dir:
-                raise _err(errno.ENOTDIR)
+        with self._inodes.pin_dir(parent) as p:
             os.mknod(name, ftype | (mode & 0o7777 & ~umask), 0, dir_fd=p.fd)
             return self._lookup_new(ctx, p, name)
 
@@ -429,26 +425,20 @@ class PassthroughFs(FileSystem):
         name = _check_name(name)
         mode = _check_int(mode, "mode", 0, 0xFFFFFFFF)
         umask = _check_int(umask, "umask", 0, 0xFFFFFFFF)
-        with self._inodes.pin(parent) as p:
-            if not p.is_dir:
-                raise _err(errno.ENOTDIR)
+        with self._inodes.pin_dir(parent) as p:
             os.mkdir(name, mode & 0o7777 & ~umask, dir_fd=p.fd)
             return self._lookup_new(ctx, p, name)
 
     @_guard
     def unlink(self, ctx: Context, parent: int, name: bytes) -> None:
         name = _check_name(name)
-        with self._inodes.pin(parent) as p:
-            if not p.is_dir:
-                raise _err(errno.ENOTDIR)
+        with self._inodes.pin_dir(parent) as p:
             os.unlink(name, dir_fd=p.fd)
 
     @_guard
     def rmdir(self, ctx: Context, parent: int, name: bytes) -> None:
         name = _check_name(name)
-        with self._inodes.pin(parent) as p:
-            if not p.is_dir:
-                raise _err(errno.ENOTDIR)
+        with self._inodes.pin_dir(parent) as p:
             os.rmdir(name, dir_fd=p.fd)
 
     @_guard
@@ -510,9 +500,7 @@ class PassthroughFs(FileSystem):
         umask = _check_int(umask, "umask", 0, 0xFFFFFFFF)
         oflags = self._open_flags(flags)
         want_excl = bool(flags & os.O_EXCL)
-        with self._inodes.pin(parent) as p:
-            if not p.is_dir:
-                raise _err(errno.ENOTDIR)
+        with self._inodes.pin_dir(parent) as p:
             fd, created = self._create_open(p, name, oflags, mode & 0o7777 & ~umask, want_excl)
             try:
                 st = os.fstat(fd)
