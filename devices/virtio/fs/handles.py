@@ -1,6 +1,6 @@
 """The passthrough's open-handle table: FUSE fh <-> host fd of an opened file or directory.
 
-Handles are pinned while a request uses them for the same reason as inodes (see inodes.py): a
+Handles are pinned while a request uses them for the same reason as inodes (see pins.py): a
 RELEASE racing a READ on another queue must not close an fd that is still being read, or the fd
 number could be reused by an unrelated open.
 """
@@ -8,11 +8,11 @@ number could be reused by an unrelated open.
 from __future__ import annotations
 
 import errno
-import os
 import threading
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import ContextManager
+
+from .pins import PinnedFds, close_fd
 
 
 @dataclass(eq=False)
@@ -33,21 +33,25 @@ class HandleTable:
     """Thread-safe map fh -> Handle. Handle numbers are monotonic, starting at 1."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._pins = PinnedFds("handle table")
         self._by_fh: dict[int, Handle] = {}
         self._next_fh = 1
 
     def __len__(self) -> int:
-        with self._lock:
+        with self._pins.lock:
             return len(self._by_fh)
 
     def add(self, nodeid: int, fd: int, is_dir: bool) -> int:
         """Take ownership of fd and return a new handle number."""
-        with self._lock:
-            fh = self._next_fh
-            self._next_fh += 1
-            self._by_fh[fh] = Handle(fh, nodeid, fd, is_dir)
-            return fh
+        try:
+            with self._pins.lock:
+                fh = self._next_fh
+                self._next_fh += 1
+                self._by_fh[fh] = Handle(fh, nodeid, fd, is_dir)
+                return fh
+        except BaseException:
+            close_fd(fd)
+            raise
 
     def _find(self, fh: int, nodeid: int, is_dir: bool) -> Handle:
         h = self._by_fh.get(fh)
@@ -58,48 +62,23 @@ class HandleTable:
                           f"handle {fh} is a {'directory' if h.is_dir else 'file'} handle")
         return h
 
-    @contextmanager
-    def pin(self, fh: int, nodeid: int, is_dir: bool = False) -> Iterator[Handle]:
+    def pin(self, fh: int, nodeid: int, is_dir: bool = False) -> ContextManager[Handle]:
         """Borrow a handle; EBADF if unknown or opened for another node, EISDIR/ENOTDIR if it is
         of the other kind."""
-        with self._lock:
-            h = self._find(fh, nodeid, is_dir)
-            h.pins += 1
-        try:
-            yield h
-        finally:
-            self._unpin(h)
-
-    def _unpin(self, h: Handle) -> None:
-        close_fd = None
-        with self._lock:
-            h.pins -= 1
-            if not h.live and h.pins == 0 and h.fd >= 0:
-                close_fd, h.fd = h.fd, -1
-        if close_fd is not None:
-            os.close(close_fd)
+        return self._pins.pin(self._find, fh, nodeid, is_dir)
 
     def remove(self, fh: int, nodeid: int, is_dir: bool = False) -> None:
         """Release a handle; its fd is closed now or when the last in-flight request ends."""
-        close_fd = None
-        with self._lock:
+        with self._pins.lock:
             h = self._find(fh, nodeid, is_dir)
             del self._by_fh[fh]
-            h.live = False
-            if h.pins == 0:
-                close_fd, h.fd = h.fd, -1
-        if close_fd is not None:
-            os.close(close_fd)
+            fd = self._pins.retire(h)
+        close_fd(fd)
 
-    def clear(self) -> None:
-        with self._lock:
+    def clear(self) -> bool:
+        """Release every handle; False if the table is wedged (see PinnedFds.clear)."""
+        def take_all() -> list[Handle]:
             handles = list(self._by_fh.values())
             self._by_fh.clear()
-            to_close = []
-            for h in handles:
-                h.live = False
-                if h.pins == 0 and h.fd >= 0:
-                    to_close.append(h.fd)
-                    h.fd = -1
-        for fd in to_close:
-            os.close(fd)
+            return handles  # type: ignore[return-value]
+        return self._pins.clear(take_all)

@@ -6,9 +6,8 @@ not redirect a request outside the shared directory. Holding the fd also pins th
 its (st_dev, st_ino) key cannot be reused by another file while the guest still knows the node.
 
 Why pins: the guest may FORGET a node on the hiprio queue while a request queue is still using
-its fd. Closing at that moment would let the fd number be reused by an unrelated open and the
-in-flight request would act on the wrong file. So an fd is closed only when the lookup count is 0
-*and* no request holds a pin (``with table.pin(nodeid) as inode:``).
+its fd, so an fd is closed only when the lookup count is 0 *and* no request holds a pin
+(``with table.pin(nodeid) as inode:``); pins.py holds that rule for this table and the handle table.
 """
 
 from __future__ import annotations
@@ -17,10 +16,11 @@ import errno
 import logging
 import os
 import stat
-import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import ContextManager, Iterator
+
+from .pins import PinnedFds, close_fd
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,8 @@ class InodeTable:
     and hard links of one host inode share one nodeid. Node ids are monotonic, never reused."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._pins = PinnedFds("inode table")
+        self._lock = self._pins.lock
         self._by_id: dict[int, Inode] = {}
         self._by_key: dict[tuple[int, int], Inode] = {}
         self._next_id = ROOT_ID + 1
@@ -89,20 +90,23 @@ class InodeTable:
         If the inode is already known its lookup count goes up and `fd` is closed; otherwise a
         new nodeid is allocated."""
         key = (st.st_dev, st.st_ino)
-        with self._lock:
-            existing = self._by_key.get(key)
-            if existing is not None:
-                existing.lookups += 1
-                dup = fd
-            else:
-                dup = None
-                existing = Inode(self._next_id, fd, st.st_dev, st.st_ino,
-                                 stat.S_IFMT(st.st_mode), 1)
-                self._next_id += 1
-                self._by_id[existing.nodeid] = existing
-                self._by_key[key] = existing
-        if dup is not None:
-            os.close(dup)
+        dup = -1
+        try:
+            with self._lock:
+                existing = self._by_key.get(key)
+                if existing is not None:
+                    existing.lookups += 1
+                    dup = fd
+                else:
+                    existing = Inode(self._next_id, fd, st.st_dev, st.st_ino,
+                                     stat.S_IFMT(st.st_mode), 1)
+                    self._next_id += 1
+                    self._by_id[existing.nodeid] = existing
+                    self._by_key[key] = existing
+        except BaseException:  # the table never took the fd (only a wedged lock raises here)
+            close_fd(fd)
+            raise
+        close_fd(dup)
         return existing
 
     @contextmanager
@@ -113,29 +117,20 @@ class InodeTable:
                 raise OSError(errno.ENOTDIR, f"nodeid {nodeid} is not a directory")
             yield inode
 
-    @contextmanager
-    def pin(self, nodeid: int) -> Iterator[Inode]:
+    def pin(self, nodeid: int) -> ContextManager[Inode]:
         """Borrow the inode for the duration of a request; unknown nodeid -> EBADF."""
-        with self._lock:
-            inode = self._by_id.get(nodeid)
-            if inode is None:
-                raise OSError(errno.EBADF, f"unknown nodeid {nodeid}")
-            inode.pins += 1
-        try:
-            yield inode
-        finally:
-            close_fd = None
-            with self._lock:
-                inode.pins -= 1
-                if not inode.live and inode.pins == 0 and inode.fd >= 0:
-                    close_fd, inode.fd = inode.fd, -1
-            if close_fd is not None:
-                os.close(close_fd)
+        return self._pins.pin(self._find, nodeid)
+
+    def _find(self, nodeid: int) -> Inode:
+        inode = self._by_id.get(nodeid)
+        if inode is None:
+            raise OSError(errno.EBADF, f"unknown nodeid {nodeid}")
+        return inode
 
     def forget(self, nodeid: int, nlookup: int) -> None:
         """Drop `nlookup` references; at 0 the node disappears and its fd is closed (once no
         request holds it). Unknown node ids are ignored: FORGET has no reply to carry an error."""
-        close_fd = None
+        fd = -1
         with self._lock:
             inode = self._by_id.get(nodeid)
             if inode is None:
@@ -143,14 +138,11 @@ class InodeTable:
                 return
             inode.lookups = max(0, inode.lookups - max(0, nlookup))
             if inode.lookups == 0 and nodeid != ROOT_ID:
-                inode.live = False
                 del self._by_id[nodeid]
                 if self._by_key.get((inode.dev, inode.ino)) is inode:
                     del self._by_key[(inode.dev, inode.ino)]
-                if inode.pins == 0:
-                    close_fd, inode.fd = inode.fd, -1
-        if close_fd is not None:
-            os.close(close_fd)
+                fd = self._pins.retire(inode)
+        close_fd(fd)
 
     def lookup_count(self, nodeid: int) -> int:
         """Current lookup count (0 if unknown); for tests and metrics."""
@@ -158,17 +150,12 @@ class InodeTable:
             inode = self._by_id.get(nodeid)
             return inode.lookups if inode is not None else 0
 
-    def clear(self) -> None:
-        """Forget everything (DESTROY / re-INIT). Pinned fds are closed when their pin ends."""
-        with self._lock:
+    def clear(self) -> bool:
+        """Forget everything (DESTROY / re-INIT). Pinned fds are closed when their pin ends.
+        False if the table is wedged (see PinnedFds.clear)."""
+        def take_all() -> list[Inode]:
             inodes = list(self._by_id.values())
             self._by_id.clear()
             self._by_key.clear()
-            to_close = []
-            for inode in inodes:
-                inode.live = False
-                if inode.pins == 0 and inode.fd >= 0:
-                    to_close.append(inode.fd)
-                    inode.fd = -1
-        for fd in to_close:
-            os.close(fd)
+            return inodes
+        return self._pins.clear(take_all)  # type: ignore[arg-type]

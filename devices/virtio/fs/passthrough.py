@@ -244,8 +244,7 @@ class PassthroughFs(FileSystem):
     def init(self, capable: int) -> int:
         """Start a fresh session (crosvm also clears its tables on INIT) and say what we want."""
         capable = _check_int(capable, "capable", 0, (1 << 64) - 1)
-        self._handles.clear()
-        self._inodes.clear()
+        self._clear_tables()
         self._open_root()
         want = (abi.FUSE_DO_READDIRPLUS | abi.FUSE_READDIRPLUS_AUTO | abi.FUSE_PARALLEL_DIROPS
                 | abi.FUSE_ATOMIC_O_TRUNC | abi.FUSE_BIG_WRITES | abi.FUSE_ASYNC_READ)
@@ -259,8 +258,15 @@ class PassthroughFs(FileSystem):
 
     @_guard
     def destroy(self) -> None:
-        self._handles.clear()
-        self._inodes.clear()
+        self._clear_tables()
+
+    def _clear_tables(self) -> None:
+        """Close every fd of the session. A table whose lock is wedged (a bug, logged by
+        PinnedFds) is abandoned for a fresh one, so a new session always starts working."""
+        if not self._handles.clear():
+            self._handles = HandleTable()
+        if not self._inodes.clear():
+            self._inodes = InodeTable()
 
     def inode_count(self) -> int:
         """Number of node ids currently known (root included); for tests and metrics."""
@@ -603,7 +609,7 @@ class PassthroughFs(FileSystem):
         offset = _check_int(offset, "offset", -(1 << 63))
         with self._handles.pin(fh, nodeid) as h:
             # The handle's file position is otherwise unused (all I/O is positional).
-            return os.lseek(h.fd, offset, whence)
+            return syscalls.lseek(h.fd, offset, whence)
 
     @_guard
     def copy_file_range(self, ctx: Context, nodeid_in: int, fh_in: int, off_in: int,
@@ -635,7 +641,7 @@ class PassthroughFs(FileSystem):
         with self._handles.pin(fh, nodeid, is_dir=True) as h:
             with h.lock:
                 if offset == 0 or h.entries is None:
-                    os.lseek(h.fd, 0, os.SEEK_SET)
+                    syscalls.lseek(h.fd, 0, os.SEEK_SET)
                     h.entries = list(syscalls.getdents64(h.fd))
                 return h.entries
 

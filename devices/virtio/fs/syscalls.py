@@ -130,6 +130,27 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         _raise_errno("fallocate")
 
 
+_libc.lseek.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int]
+_libc.lseek.restype = ctypes.c_int64
+
+
+def lseek(fd: int, offset: int, whence: int) -> int:
+    """lseek(2) that never returns a negative offset.
+
+    Some file systems answer SEEK_DATA/SEEK_HOLE near the 2**63 limit with a negative offset
+    (tmpfs does). CPython 3.11's ``os.lseek`` then returns that value *with an OSError still
+    pending*, which surfaces later as a SystemError inside unrelated code (it once wedged a table
+    lock). Here the raw result is checked: -1 carries errno, any other negative value is
+    EOVERFLOW ("the resulting offset cannot be represented").
+    """
+    r = _libc.lseek(fd, offset, whence)
+    if r == -1:
+        _raise_errno("lseek")
+    if r < 0:
+        raise OSError(errno.EOVERFLOW, f"lseek: the file system returned offset {r}")
+    return r
+
+
 _DIRENT_HDR = struct.Struct("<QqHB")   # d_ino, d_off, d_reclen, d_type; then NUL-terminated name
 
 
