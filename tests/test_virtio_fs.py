@@ -360,3 +360,70 @@ def test_worker_survives_a_raising_server(share):
         os.close(irq)
         os.close(evt)
     assert not worker.thread.is_alive()
+
+
+class _BlockingGetattrFs(PassthroughFs):
+    """GETATTR blocks until released: a host file system call that does not return."""
+
+    def __init__(self, options: FsOptions) -> None:
+        super().__init__(options)
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def getattr(self, ctx, nodeid, fh):
+        self.entered.set()
+        self.release.wait()
+        return super().getattr(ctx, nodeid, fh)
+
+
+def test_a_stuck_request_cannot_hang_the_vcpu_that_resets_the_device(share, caplog):
+    made: list[_BlockingGetattrFs] = []
+
+    def factory(options):
+        made.append(_BlockingGetattrFs(options))
+        return made[0]
+
+    g = Guest(FsOptions(source=str(share), tag="myfs"), factory)
+    g.dev.stop_timeout = 0.2
+    try:
+        assert g.up() & VIRTIO_CONFIG_S_DRIVER_OK
+        g.init()
+        fs = made[0]
+        hdr = abi.IN_HEADER.pack(len=abi.IN_HEADER.size + abi.GETATTR_IN.size,
+                                 opcode=abi.Opcode.GETATTR, unique=4242, nodeid=1)
+        g.queues[1].add_chain([hdr, abi.GETATTR_IN.pack()],
+                              [abi.OUT_HEADER.size + abi.ATTR_OUT.size])
+        g.kick(1)
+        assert fs.entered.wait(WAIT_S), "GETATTR never reached the file system"
+        used_before = g.queues[1].used_idx()
+
+        # A vCPU writes Status=0 while the worker is stuck in GETATTR: it must come back.
+        vcpu = threading.Thread(target=g.mmio.w, args=(0x70, 0), name="vcpu0")
+        vcpu.start()
+        vcpu.join(WAIT_S)
+        assert not vcpu.is_alive(), "the device reset waited for the stuck request forever"
+        assert g.mmio.r(0x70) == 0
+        assert "stuck in GETATTR unique=4242 on queue 1" in caplog.text
+
+        # While the call is still stuck the device cannot start again: DEVICE_NEEDS_RESET.
+        status = g.up()
+        assert status & VIRTIO_CONFIG_S_NEEDS_RESET
+        assert "still stuck in GETATTR" in caplog.text
+
+        # Once the host call returns, the old worker ends without touching the old rings, and
+        # the next reset brings the device back.
+        fs.release.set()
+        for t in _fs_threads():
+            t.join(WAIT_S)
+        assert not _fs_threads()
+        assert g.queues[1].used_idx() == used_before
+        for q in g.queues:
+            q.reset()
+        assert g.up() & VIRTIO_CONFIG_S_DRIVER_OK
+        assert not g.mmio.r(0x70) & VIRTIO_CONFIG_S_NEEDS_RESET
+        g.init()
+        err, body = g.fuse(abi.Opcode.GETATTR, 1, abi.GETATTR_IN.pack(), abi.ATTR_OUT.size)
+        assert err == 0 and abi.ATTR_OUT.unpack(body).attr.ino == os.stat(share).st_ino
+    finally:
+        made[0].release.set()
+        g.close()

@@ -8,6 +8,10 @@ notification queue and no DAX window (the transport reports no shared memory reg
 One worker thread serves all queues (Linux 6.1 only ever uses the first request queue anyway). The
 FileSystem is built once per device, so a bad share fails when the VM is assembled; a device reset
 ends the FUSE session (FileSystem.destroy closes every fd) and the next INIT starts a new one.
+
+A reset runs on a vCPU thread (the driver writes Status=0), so it waits at most ``stop_timeout``
+for the worker. A worker stuck in a request is left behind and logged; until it has finished, the
+device refuses to be activated again, which the transport reports as DEVICE_NEEDS_RESET.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ logger = logging.getLogger(__name__)
 
 QUEUE_SIZE = 1024  # per queue maximum; the guest picks the actual size
 DEFAULT_MAX_WRITE = 1 << 20
+#: How long a reset (a vCPU thread) waits for the request in progress before giving up on it.
+STOP_TIMEOUT = 1.0
 
 FsFactory = Callable[[FsOptions], object]  # returns a fuse.filesystem.FileSystem
 
@@ -70,9 +76,11 @@ class FsDevice(VirtioDevice):
     device_type = VIRTIO_ID_FS
 
     def __init__(self, options: FsOptions, fs_factory: FsFactory | None = None, *,
-                 queue_size: int = QUEUE_SIZE, max_write: int = DEFAULT_MAX_WRITE) -> None:
+                 queue_size: int = QUEUE_SIZE, max_write: int = DEFAULT_MAX_WRITE,
+                 stop_timeout: float = STOP_TIMEOUT) -> None:
         super().__init__()
         self.options = options
+        self.stop_timeout = stop_timeout
         self.max_write = max_write
         self.queue_max_sizes = [queue_size] * (1 + options.num_request_queues)
         self.config = config_space(options.tag, options.num_request_queues)
@@ -90,6 +98,7 @@ class FsDevice(VirtioDevice):
                 self.trace.close()
             raise
         self._worker: FsWorker | None = None
+        self._stuck: FsWorker | None = None  # a worker that did not stop in time
         self.server = None
 
     @property
@@ -104,6 +113,12 @@ class FsDevice(VirtioDevice):
                  queue_events: list[int]) -> None:
         if self._worker is not None:
             raise RuntimeError("virtio-fs device is already active")
+        if self._stuck is not None:
+            if not self._stuck.stop(0):
+                raise RuntimeError(f"the previous worker is still stuck in "
+                                   f"{self._stuck.stuck_in()}; the device cannot restart "
+                                   "until that host call returns")
+            self._stuck = None
         self.server = make_server(self.fs, self.fuse_metrics, self.trace, self.max_write)
         worker = FsWorker(f"virtio-fs:{self.options.tag}", self.server, interrupt, queues,
                           queue_events, self.counters)
@@ -114,8 +129,11 @@ class FsDevice(VirtioDevice):
 
     def reset(self) -> None:
         worker, self._worker = self._worker, None
-        if worker is not None:
-            worker.stop()
+        if worker is not None and not worker.stop(self.stop_timeout):
+            self._stuck = worker
+            logger.error("virtio-fs %s: the worker did not stop within %.1f s: it is stuck in %s;"
+                         " left behind (the device needs a reset once that call returns)",
+                         self.options.tag, self.stop_timeout, worker.stuck_in())
         self.server = None
         try:
             self.fs.destroy()  # the FUSE session ends with the driver; release every host fd

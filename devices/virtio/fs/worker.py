@@ -8,6 +8,11 @@ interrupt per drained batch if the driver asked for one (EVENT_IDX aware).
 The guest is hostile and the server may have bugs: a bad chain or a failing request is logged once
 per kind and returned to the guest with 0 bytes; nothing a guest sends can end this thread. Only a
 corrupt ring (QueueBroken) stops service on that queue, with DEVICE_NEEDS_RESET reported.
+
+Stopping is bounded: ``stop(timeout)`` waits at most that long for the request in progress. A
+request that does not return (a host file system call that blocks, or a bug) leaves the thread
+behind; ``stop`` then says which request it is stuck in, and the thread, if it ever finishes,
+never touches the rings again (the transport released them when the device was reset).
 """
 
 from __future__ import annotations
@@ -16,15 +21,20 @@ import logging
 import os
 import re
 import select
+import struct
 import threading
+import time
 from dataclasses import asdict, dataclass
 
 from devices.virtio.chain import ChainReader, ChainWriter
 from devices.virtio.device import LogOnce
 from devices.virtio.interrupt import Interrupt
-from devices.virtio.queue import InvalidChain, Queue, QueueBroken
+from devices.virtio.queue import DescriptorChain, InvalidChain, Queue, QueueBroken
+from fuse import abi
 
 logger = logging.getLogger(__name__)
+
+_OPCODE_UNIQUE = struct.Struct("<4xIQ")  # fuse_in_header: len, opcode, unique
 
 
 @dataclass
@@ -61,6 +71,8 @@ class FsWorker:
         self._log = LogOnce(logger)
         self._stopping = False
         self._broken: set[int] = set()
+        # The request being served (queue, chain, start time), for stop()'s diagnosis.
+        self._current: tuple[int, DescriptorChain, float] | None = None
         self._stop_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
@@ -71,16 +83,37 @@ class FsWorker:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self) -> None:
-        """Ask the thread to stop after the request in progress, join it, release its fds."""
+    def stop(self, timeout: float | None = None) -> bool:
+        """Ask the thread to stop after the request in progress and wait up to ``timeout``
+        seconds (None: forever). True once it has stopped and its fds are released; False if it
+        is stuck in a request (``stuck_in()`` says which): call stop() again later to collect it."""
         if self._stop_fd < 0:
-            return
+            return True
         self._stopping = True
         os.eventfd_write(self._stop_fd, 1)
         if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join()
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                return False
         os.close(self._stop_fd)
         self._stop_fd = -1
+        return True
+
+    def stuck_in(self) -> str:
+        """The request in progress, e.g. "LSEEK unique=12 on queue 1 for 2.0 s" ('' if none)."""
+        current = self._current
+        if current is None:
+            return ""
+        queue, chain, since = current
+        what = "a request"
+        if chain.readable and len(chain.readable[0]) >= _OPCODE_UNIQUE.size:
+            opcode, unique = _OPCODE_UNIQUE.unpack_from(chain.readable[0])
+            try:
+                name = abi.Opcode(opcode).name
+            except ValueError:
+                name = f"opcode {opcode}"
+            what = f"{name} unique={unique}"
+        return f"{what} on queue {queue} for {time.monotonic() - since:.1f} s"
 
     # -- thread -----------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -109,7 +142,9 @@ class FsWorker:
                     self.counters.notifications += 1
                     self._process_queue(i)
         except Exception:  # a bug here must be visible, but must not take the process down
-            logger.exception("virtio-fs worker %s stopped by an internal error", self._thread.name)
+            if not self._stopping:  # after a stop the rings may be gone: nothing to report
+                logger.exception("virtio-fs worker %s stopped by an internal error",
+                                 self._thread.name)
         finally:
             ep.close()
 
@@ -138,7 +173,11 @@ class FsWorker:
                 break
             if chain is None:
                 break
+            self._current = (i, chain, time.monotonic())
             written = self._handle(i, chain)
+            self._current = None
+            if self._stopping:
+                return  # the device is being reset: its rings belong to nobody now
             q.add_used(chain.head, written)
             self.counters.chains += 1
             returned += 1
