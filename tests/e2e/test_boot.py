@@ -77,11 +77,11 @@ def test_bzimage_boots_through_the_boot_protocol(tmp_path):
     """The same kernel as a bzImage (LZ4): setup header, 64-bit entry at load + 0x200, the
     in-guest decompressor, then the agent with a share."""
     from guest.build import ensure_kernel
-    from tests.e2e.conftest import Booter
     from tests.e2e.helpers import share
+    from vmm.testing import GuestRunner
     bz = ensure_kernel(image="bzImage")
     assert bz.read_bytes()[0x202:0x206] == b"HdrS"
     (tmp_path / "f").write_bytes(b"via bzImage")
-    r = Booter(bz)("cpus\nread /mnt/share/f\nexit 6\n", shares=(share(tmp_path),))
+    r = GuestRunner(bz).run("cpus\nread /mnt/share/f\nexit 6\n", shares=(share(tmp_path),))
     assert r.exit_status == 6, (r.message, r.output[-2000:])
     assert steps_by_op(r, "read")[0].extra["size"] == str(len(b"via bzImage"))

@@ -154,16 +154,26 @@ def test_probe_pattern_ten_times_fewer_lookups(boot, tmp_path):
 
 
 def test_other_lookup_errors_are_never_cached(boot, tmp_path):
+    """Only ENOENT becomes a negative entry. A 256-byte name is legal for the guest's FUSE client
+    (its limit is 1024) but the host answers ENAMETOOLONG: the guest cannot answer it by itself,
+    so every stat must reach the host. A name under a regular file is answered by the guest's own
+    path walk (ENOTDIR) and never reaches the host at all. The missing name beside them proves
+    negative caching was on in the same run."""
     root = tmp_path / "share"
     root.mkdir()
     (root / "plain-file").write_bytes(b"x")
     long = "n" * 256
-    r = boot(f"stat /mnt/share/plain-file/child x5 expect=ENOTDIR\n"
-             f"stat /mnt/share/{long} x3 expect=ENAMETOOLONG\nexit 0\n",
+    r = boot(f"stat /mnt/share/{long} x3 expect=ENAMETOOLONG\n"
+             f"stat /mnt/share/plain-file/child x5 expect=ENOTDIR\n"
+             f"stat /mnt/share/missing x4 expect=ENOENT\nexit 0\n",
              shares=(share(root, negative_timeout=60),))
     assert_ok(r)
     fs = fs_metrics(r)
-    assert fs["lookup_negative"] == 0
+    assert lookups(r, long) == 3                      # every ENAMETOOLONG went to the host
+    assert fs["errors"].get("ENAMETOOLONG") == 3
+    assert lookups(r, "child") == 0                   # the guest knew plain-file is no dir
+    assert lookups(r, "missing") == 1                 # ...while ENOENT was cached
+    assert fs["lookup_negative"] == 1
 
 
 def test_control_socket_reset_zeroes_counters(boot, tmp_path):
