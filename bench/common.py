@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import platform
 import time
@@ -25,14 +24,8 @@ def write_result(name: str, payload: dict) -> Path:
 
 def boot(script: str, *, shares=(), vcpus: int = 1, memory_mib: int = 128):
     """Boot the project kernel with an agent script; returns the RunResult."""
-    from guest.build import ensure_kernel
-    from vmm.config import Config, GuestConfig, KernelConfig, SerialConfig, VmConfig
-    from vmm.machine import Machine
-    config = Config(vm=VmConfig(vcpus=vcpus, memory_mib=memory_mib),
-                    kernel=KernelConfig(path=str(ensure_kernel())),
-                    guest=GuestConfig(script=script), serial=SerialConfig(stdin=False),
-                    devices=tuple(shares))
-    result = Machine(config, output=io.BytesIO()).run()
+    from vmm.runner import guest_config, run_guest
+    result, _ = run_guest(guest_config(script, shares, vcpus=vcpus, memory_mib=memory_mib))
     if result.exit_status != 0:
         raise SystemExit(f"benchmark guest failed: {result.message or result.exit_status}")
     return result

@@ -1,4 +1,4 @@
-"""Command line: `python -m vmm run|guest|ctl|demo ...` (also installed as `pyvmm`).
+"""Command line: `python -m vmm run|guest|ctl|demo|sweep ...` (also installed as `pyvmm`).
 
 Errors a user can fix (bad config, missing kernel, no /dev/kvm) are one line on stderr and a
 non-zero status, never a traceback; `-v` shows debug logging for the rest.
@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--names", type=int, default=50, help="missing names probed")
     demo.add_argument("--rounds", type=int, default=20, help="probes of each name")
     demo.add_argument("--json", type=Path, help="also write the figures as JSON")
+
+    from .sweep import add_parser as add_sweep_parser
+    add_sweep_parser(sub)
     return p
 
 
@@ -124,10 +127,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     json_path=args.json, progress=_progress)
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .sweep import main as sweep_main
+    return sweep_main(args, progress=_progress)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
-    handlers = {"run": cmd_run, "guest": cmd_guest, "ctl": cmd_ctl, "demo": cmd_demo}
+    handlers = {"run": cmd_run, "guest": cmd_guest, "ctl": cmd_ctl, "demo": cmd_demo,
+                "sweep": cmd_sweep}
     try:
         return handlers[args.command](args)
     except ConfigError as exc:

@@ -28,7 +28,6 @@ guest's console and exit message.
 
 from __future__ import annotations
 
-import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,22 +170,14 @@ class GuestRunner:
         Each share is mounted at ``/mnt/<tag>`` before the script runs. ``shares`` takes
         :class:`Share` objects (or ``FsOptions``). ``on_line`` sees every console line as it
         arrives (tests use it to act on the host at a precise point of the script)."""
-        from vmm.config import (Config, GuestConfig, KernelConfig, SerialConfig, VmConfig,
-                                exec_to_script)
-        from vmm.machine import Machine
+        from vmm.runner import guest_config, run_guest
 
         devices = tuple(s.options if isinstance(s, Share) else s for s in shares)
-        config = Config(vm=VmConfig(vcpus=vcpus, memory_mib=memory_mib, discovery=discovery),
-                        kernel=KernelConfig(path=str(self.kernel), cmdline=cmdline),
-                        guest=GuestConfig(script=exec_to_script(script.replace("\n", ";")),
-                                          timeout=timeout),
-                        serial=SerialConfig(stdin=False), devices=devices)
-        out = io.BytesIO()
-        machine = Machine(config, output=out, control_path=control_path)
-        if on_line is not None:
-            machine.on_console_line = on_line
-        run = machine.run()
-        self.last = GuestResult(run, out.getvalue().decode(errors="replace"))
+        config = guest_config(script, devices, kernel=self.kernel, vcpus=vcpus,
+                              memory_mib=memory_mib, timeout=timeout, discovery=discovery,
+                              cmdline=cmdline)
+        run, output = run_guest(config, control_path=control_path, on_line=on_line)
+        self.last = GuestResult(run, output)
         return self.last
 
 
