@@ -55,7 +55,9 @@ def test_full_config(tmp_path):
 
 
 @pytest.mark.parametrize("body, needle", [
-    ("vm: {vcpu: 2}", "unknown key: vm.vcpu"),
+    ("vm: {vcpu: 2}", "unknown key: vm.vcpu (did you mean 'vcpus'?)"),
+    ("devices: [{type: fs, source: /tmp, tag: a, negative_timout: 5}]",
+     "unknown key: devices[0].negative_timout (did you mean 'negative_timeout'?)"),
     ("vm: {vcpus: two}", "vm.vcpus: expected an integer"),
     ("vm: {vcpus: true}", "vm.vcpus: expected an integer, got a boolean"),
     ("vm: {vcpus: 0}", "vm.vcpus: must be between 1 and 8"),
@@ -67,6 +69,7 @@ def test_full_config(tmp_path):
     ("guest: {script_file: nope.txt}", "guest.script_file:"),
     ("guest: {timeout: -1}", "guest.timeout: must be a finite number"),
     ("frobnicate: 1", "unknown key: frobnicate"),
+    ("gust: {timeout: 5}", "unknown key: gust (did you mean 'guest'?)"),
     ("devices: [{type: net}]", "devices[0].type: unknown device type 'net'"),
     ("devices: [{type: fs, tag: x}]", "devices[0].source: is required"),
     ("devices: [{type: fs, source: /nonexistent-dir, tag: x}]", "devices[0].source:"),

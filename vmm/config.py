@@ -7,9 +7,10 @@ status 2 instead of failing halfway through a boot.
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -81,6 +82,7 @@ class _Section:
         self.data = dict(data)
         self.where = where
         self.source = source
+        self.known: list[str] = []  # every key asked for, for "did you mean" on unknown ones
 
     def key(self, name: str) -> str:
         return f"{self.where}.{name}" if self.where else name
@@ -89,6 +91,7 @@ class _Section:
         return ConfigError(f"{self.source}: {self.key(name)}: {message}")
 
     def take(self, name: str, kind: type | tuple[type, ...], default: Any) -> Any:
+        self.known.append(name)
         if name not in self.data:
             return default
         value = self.data.pop(name)
@@ -127,8 +130,15 @@ class _Section:
 
     def finish(self) -> None:
         if self.data:
-            unknown = ", ".join(sorted(self.key(str(k)) for k in self.data))
+            unknown = ", ".join(sorted(self.key(str(k)) + did_you_mean(str(k), self.known)
+                                       for k in self.data))
             raise ConfigError(f"{self.source}: unknown key: {unknown}")
+
+
+def did_you_mean(name: str, known: list[str]) -> str:
+    """" (did you mean 'x'?)" for the closest known name, or ""."""
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _kind(value: Any) -> str:
@@ -200,6 +210,7 @@ def _field_of(exc: ValueError, kwargs: dict[str, Any]) -> str:
 
 
 def _parse_fs_device(section: _Section, base: Path) -> FsOptions:
+    section.known += ["type", *(f.name for f in fields(FsOptions))]
     values: dict[str, Any] = {}
     source = section.take("source", str, None)
     if source is None:
