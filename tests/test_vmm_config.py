@@ -174,3 +174,11 @@ def test_installed_console_script_is_the_cli(tmp_path):
     p = write(tmp_path, "vm: {vcpus: 99}\n")
     r = subprocess.run([script, "run", str(p)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "vm.vcpus: must be between 1 and 8" in r.stderr
+
+
+def test_run_help_shows_an_example():
+    r = run_cli("run", "--help")
+    assert r.returncode == 0
+    assert "python -m vmm run configs/default.yaml --exec 'echo hello; exit 3'" in r.stdout
+    example = next(line for line in r.stdout.splitlines() if "--shared-dir /srv" in line)
+    assert "negative_timeout=60" in example

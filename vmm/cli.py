@@ -28,7 +28,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
     sub = p.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="boot a VM from a YAML config")
+    run = sub.add_parser(
+        "run", help="boot a VM from a YAML config",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  python -m vmm run configs/default.yaml --exec 'echo hello; exit 3'\n"
+               "  python -m vmm run configs/default.yaml --shared-dir /srv/data:data:"
+               "negative_timeout=60 \\\n"
+               "      --exec 'stat /mnt/data/missing x100 expect=ENOENT' --metrics m.json\n"
+               "agent ops: guest/README.md; config keys: README.md (Configuration)")
     run.add_argument("config", help="YAML VM config (see configs/)")
     script = run.add_mutually_exclusive_group()
     script.add_argument("--exec", dest="exec_", metavar="'OP; OP; ...'",
