@@ -10,6 +10,7 @@ APT_PACKAGES=(
   linux-source-6.1                                               # guest kernel source
   acpica-tools                                                   # iasl: ACPI table tests
   cpio                                                           # initramfs tests
+  patch linux-libc-dev                                           # patch and UAPI header tests
   python3-venv python3-dev
 )
 missing=()
