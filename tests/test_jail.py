@@ -220,6 +220,9 @@ def _root_view(jail, host_secret: str, host_share: str) -> dict[str, Any]:
         "pid1_root": err_of(lambda: open(proc(jail, "1/root/../../..") + host_secret).close()),
         "proc_dotdot": err_of(lambda: os.stat(proc(jail, "../" * 8) + host_secret)),
         "etc": err_of(lambda: os.stat("/etc/passwd")),
+        # the kept procfs: subset=pid (no /proc/sys) and read-only
+        "proc_sys": err_of(lambda: os.stat(proc(jail, "sys/kernel"))),
+        "proc_write": err_of(lambda: os.close(os.open(proc(jail, "self/comm"), os.O_WRONLY))),
     }
 
 
@@ -230,17 +233,22 @@ def test_root_is_the_share_and_the_host_is_out_of_reach(share, tmp_path, mode):
     assert code == 0
     assert v["listing"] == ["a.txt", "sub"] and v["sub"] == ["b.bin"] and v["a"] == "hello"
     assert v["root_ino"] == share.stat().st_ino and v["dotdot_is_root"]
-    for key in ("secret", "share_path", "self_root", "pid1_root", "proc_dotdot", "etc"):
+    for key in ("secret", "share_path", "self_root", "pid1_root", "proc_dotdot", "etc",
+                "proc_sys"):
         assert v[key] == errno.ENOENT, (key, v[key])
+    assert v["proc_write"] == errno.EROFS
     # control: the same questions unconfined reach the host
     code, c = run(UNCONFINED, _root_view_unconfined, secret)
     assert c["secret"] == 0 and c["etc"] == 0 and c["listing"] != v["listing"]
+    assert c["proc_sys"] == 0 and c["proc_write"] == 0
 
 
 def _root_view_unconfined(jail, host_secret: str) -> dict[str, Any]:
     return {"listing": sorted(os.listdir("/")),
             "secret": err_of(lambda: open(host_secret).close()),
-            "etc": err_of(lambda: os.stat("/etc/passwd"))}
+            "etc": err_of(lambda: os.stat("/etc/passwd")),
+            "proc_sys": err_of(lambda: os.stat("/proc/sys/kernel")),
+            "proc_write": err_of(lambda: os.close(os.open("/proc/self/comm", os.O_WRONLY)))}
 
 
 def _open_node(jail, path: str) -> int:

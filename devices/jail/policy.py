@@ -8,7 +8,10 @@ system call it makes after a start marker (CPython 3.11, glibc 2.36, Linux 6.x) 
 policy lacks; each group below names what needs it. Calls *not* seen in that run but kept on
 review are marked "(review)": the forms libc or CPython use on another path for the same job.
 Then ``tests/test_jail.py`` runs the same workload jailed with ``seccomp_action="kill"``: one call
-outside this list kills it and fails the test.
+outside this list kills it and fails the test. (Unfiltered, strace shows ``clone3`` for threads;
+under the filter clone3 answers ENOSYS and glibc uses ``clone``, which the kill-mode run covers.)
+
+Result of the last derivation: 61 calls seen, 78 in the policy (17 added on review).
 
 To extend: add the call to the group that needs it (or a new group saying why), run the
 workload with ``--strace`` and the jail tests. ``NEVER`` lists calls a jailed device must not make
@@ -56,7 +59,8 @@ GROUPS: tuple[Group, ...] = (
     Group("process: exit, ids for log records and the server's root check, sleeping, abort()",
           ("exit_group", "getpid", "getuid", "geteuid", "getgid",
            "getegid", "restart_syscall", "tgkill",        # (review): tgkill for abort()/raise()
-           "clock_nanosleep", "getrandom")),              # (review): time.sleep, hash seeds
+           "clock_nanosleep", "getrandom",                # (review): time.sleep, hash seeds
+           "times")),                                     # (review): vhost-user CPU metrics
     Group("fd plumbing: eventfd counters, the report pipe, fcntl(F_GETFL/F_SETFL/F_DUPFD_CLOEXEC); "
           "ioctl only TCGETS (isatty), FIONBIO (socket.setblocking), FIOCLEX/FIONCLEX "
           "(os.set_inheritable): no TIOCSTI into a terminal, no device ioctls",
