@@ -251,6 +251,31 @@ def _root_view_unconfined(jail, host_secret: str) -> dict[str, Any]:
             "proc_write": err_of(lambda: os.close(os.open("/proc/self/comm", os.O_WRONLY)))}
 
 
+def _chroot_escape(jail, host_secret: str) -> dict[str, int]:
+    """The classic chroot escape, with every capability: chroot into a subdirectory while the
+    cwd stays above it, climb with "..", chroot there."""
+    os.chdir("/")
+    os.mkdir("/esc")
+    os.chroot("/esc")
+    for _ in range(64):
+        os.chdir("..")
+    os.chroot(".")
+    return {"secret": err_of(lambda: open(host_secret).close())}
+
+
+def test_pivot_root_leaves_no_host_tree_to_escape_to(share, tmp_path):
+    """Even a process that kept CAP_SYS_CHROOT and no filter finds no host tree after
+    pivot_root; in chroot mode the same escape reaches the host (the control, and the reason
+    chroot mode depends on dropping CAP_SYS_CHROOT and closing stray fds)."""
+    secret = str(tmp_path / "secret")
+    all_caps = dict(keep_caps=None, seccomp_action=None)
+    code, r = run(jailed(share, mode="namespace", **all_caps), _chroot_escape, secret)
+    assert code == 0 and r["secret"] == errno.ENOENT
+    (share / "esc").rmdir()
+    code, r = run(jailed(share, mode="chroot", **all_caps), _chroot_escape, secret)
+    assert code == 0 and r["secret"] == 0
+
+
 def _open_node(jail, path: str) -> int:
     return err_of(lambda: os.close(os.open(path, os.O_RDONLY)))
 
