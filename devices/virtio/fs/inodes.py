@@ -24,6 +24,26 @@ from .pins import PinnedFds, close_fd
 
 logger = logging.getLogger(__name__)
 
+#: How this process names its own fds for a reopen: ``<_proc_root>self/fd/N`` (a magic link that
+#: reaches exactly the inode fd N holds). A device jailed by devices/jail has no /proc after
+#: pivot_root; the jail leaves its cwd on a private procfs and the device calls
+#: ``set_proc_root(jail.proc_root)`` (that is, ""), so the same links are reached relative to it.
+_proc_root = "/proc/"
+
+
+def set_proc_root(prefix: str) -> None:
+    """Where ``self/fd/N`` lives for this process: "/proc/" (default) or "" (cwd, in a jail)."""
+    global _proc_root
+    if prefix and not prefix.endswith("/"):
+        raise ValueError(f"proc root must be empty or end with '/': {prefix!r}")
+    _proc_root = prefix
+
+
+def proc_fd_path(fd: int) -> str:
+    """The magic link that reopens fd `fd` of this process (never re-resolves a name)."""
+    return f"{_proc_root}self/fd/{fd}"
+
+
 ROOT_ID = 1
 #: libfuse (and crosvm) start the root with two references so that a stray FORGET of the root
 #: cannot drop it; we additionally never close the root before destroy().
@@ -56,7 +76,7 @@ class Inode:
     @property
     def proc_path(self) -> str:
         """Magic link that reopens exactly this inode (never re-resolves a name)."""
-        return f"/proc/self/fd/{self.fd}"
+        return proc_fd_path(self.fd)
 
 
 class InodeTable:

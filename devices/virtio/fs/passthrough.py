@@ -41,7 +41,7 @@ from fuse.io import Reader, Writer
 
 from . import syscalls
 from .handles import HandleTable
-from .inodes import ROOT_ID, Inode, InodeTable
+from .inodes import ROOT_ID, Inode, InodeTable, proc_fd_path
 from .options import FsOptions
 
 logger = logging.getLogger(__name__)
@@ -229,7 +229,7 @@ class PassthroughFs(FileSystem):
             syscalls.fchownat_empty(fd, ctx.uid, gid)
             if special and not stat.S_ISLNK(st.st_mode) and not stat.S_ISDIR(st.st_mode):
                 # chown clears set-id bits even for root; the creator asked for them.
-                os.chmod(f"/proc/self/fd/{fd}", stat.S_IMODE(st.st_mode))
+                os.chmod(proc_fd_path(fd), stat.S_IMODE(st.st_mode))
         except OSError as e:
             logger.warning("could not chown new entry to %d:%d: %s", ctx.uid, ctx.gid, e)
 
@@ -514,7 +514,7 @@ class PassthroughFs(FileSystem):
                     raise _err(errno.EISDIR if stat.S_ISDIR(st.st_mode) else errno.ENXIO)
                 if not oflags & os.O_NONBLOCK:
                     fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
-                opath = os.open(f"/proc/self/fd/{fd}", os.O_PATH | os.O_CLOEXEC)
+                opath = os.open(proc_fd_path(fd), os.O_PATH | os.O_CLOEXEC)
                 if created:
                     self._chown_new(ctx, p, opath)
                 entry = self._add(opath)

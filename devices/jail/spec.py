@@ -1,0 +1,97 @@
+"""JailSpec: the declarative description of one jail (what the config's ``sandbox:`` becomes)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Optional
+
+from . import capabilities, policy
+from .seccomp import ACTIONS, Rule
+
+MODES = ("namespace", "chroot", "none")
+
+
+class JailError(RuntimeError):
+    """The jail could not be set up (or a jailed child reported that it could not)."""
+
+
+@dataclass(frozen=True)
+class JailSpec:
+    """What to isolate and what to leave the jailed process.
+
+    mode:
+        ``namespace`` new mount/PID/IPC/UTS/network namespaces + pivot_root into `root`;
+        ``chroot`` the same namespaces + chroot (for hosts where pivot_root cannot work);
+        ``none`` no namespaces and no change of root (capabilities, no_new_privs and seccomp
+        still apply as configured; ``JailSpec.unconfined()`` switches them off too).
+    root: the shared directory that becomes "/" (required unless mode is ``none``).
+    keep_caps: capability names kept (default: the fs device's set, see capabilities.py);
+        ``None`` keeps every capability (and skips the securebits).
+    allow_mknod / allow_setfcap: add CAP_MKNOD / CAP_SETFCAP (device nodes, file capabilities).
+    seccomp_action: default action for a call outside the allowlist: ``errno`` (EPERM),
+        ``kill`` (SIGSYS, whole process), ``log`` (allowed, logged by the kernel) or ``None``
+        (no filter at all).
+    syscalls: the allowlist (name -> rule); default: ``policy.FS_DEVICE``.
+    max_open_files: RLIMIT_NOFILE for the jailed process (``None``: unchanged).
+    keep_fds: file descriptors that survive (0, 1, 2 always do); every other fd is closed,
+        and a kept fd may not be a directory, since a directory fd would lead out of the jail.
+    hostname: the new UTS namespace's host name.
+    """
+
+    root: Optional[str] = None
+    mode: str = "namespace"
+    keep_caps: Optional[frozenset[str]] = capabilities.FS_DEVICE_CAPS
+    allow_mknod: bool = False
+    allow_setfcap: bool = False
+    seccomp_action: Optional[str] = "errno"
+    syscalls: Optional[Mapping[str, Rule]] = None
+    max_open_files: Optional[int] = None
+    keep_fds: tuple[int, ...] = ()
+    hostname: str = "pyvmm-jail"
+    no_new_privs: bool = field(default=True)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"sandbox mode must be one of {', '.join(MODES)}, not {self.mode!r}")
+        if self.mode != "none":
+            if not self.root:
+                raise ValueError(f"sandbox mode {self.mode!r} needs a root directory")
+            if not os.path.isdir(self.root):
+                raise ValueError(f"jail root {self.root!r} is not a directory")
+        if self.seccomp_action is not None and self.seccomp_action not in ACTIONS:
+            raise ValueError(f"seccomp_action must be one of {', '.join(ACTIONS)} or None, "
+                             f"not {self.seccomp_action!r}")
+        if self.keep_caps is not None:
+            capabilities.mask_of(self.keep_caps)          # unknown names fail here
+        if self.max_open_files is not None and not 16 <= self.max_open_files <= 1 << 20:
+            raise ValueError(f"max_open_files {self.max_open_files} outside 16..{1 << 20}")
+        if any(not isinstance(fd, int) or fd < 0 for fd in self.keep_fds):
+            raise ValueError(f"keep_fds must be non-negative ints: {self.keep_fds!r}")
+        if self.seccomp_action is not None and not self.no_new_privs:
+            # Without no_new_privs the kernel takes a filter only from CAP_SYS_ADMIN, which the
+            # jail has just dropped.
+            raise ValueError("a seccomp filter needs no_new_privs")
+
+    @classmethod
+    def unconfined(cls) -> "JailSpec":
+        """``sandbox: none``: nothing at all is changed."""
+        return cls(mode="none", keep_caps=None, seccomp_action=None, no_new_privs=False)
+
+    def caps_mask(self) -> Optional[int]:
+        if self.keep_caps is None:
+            return None
+        extra = set()
+        if self.allow_mknod:
+            extra.add("MKNOD")
+        if self.allow_setfcap:
+            extra.add("SETFCAP")
+        return capabilities.mask_of(set(self.keep_caps) | extra)
+
+    def allowlist(self) -> Mapping[str, Rule]:
+        return policy.FS_DEVICE if self.syscalls is None else self.syscalls
+
+    def real_root(self) -> str:
+        assert self.root is not None
+        return os.path.realpath(self.root)
