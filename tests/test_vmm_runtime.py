@@ -10,6 +10,7 @@ import threading
 import pytest
 
 from tests.fakes import FakeGuestMemory
+from fuse.metrics import Metrics
 from vmm.console import MAX_LINE, ConsoleSink
 from vmm.control import ControlServer, request
 from vmm.diagnostics import translate
@@ -50,15 +51,17 @@ def test_console_sink_bounds_a_line_without_newline():
 
 
 class FakeMachine:
+    """The control server's view of a Machine, over a real device Metrics object."""
+
     def __init__(self):
-        self.resets = 0
+        self.metrics = Metrics()
         self.stops = []
 
     def device_metrics(self):
-        return {"fs:t": {"ops": {"LOOKUP": 3 - 3 * min(self.resets, 1)}}}
+        return {"fs:t": self.metrics.snapshot()}
 
     def reset_metrics(self):
-        self.resets += 1
+        self.metrics.reset()
 
     def request_stop(self, stop: Stop):
         self.stops.append(stop)
@@ -67,10 +70,16 @@ class FakeMachine:
 def test_control_socket_commands(tmp_path):
     path = str(tmp_path / "ctl.sock")
     m = FakeMachine()
+    for _ in range(3):
+        m.metrics.record_request("LOOKUP", 2)
+        m.metrics.record_lookup(b"missing", None, 2)
     with ControlServer(path, m):
-        assert request(path, "stats") == {"ok": True, "devices": {"fs:t": {"ops": {"LOOKUP": 3}}}}
+        stats = request(path, "stats")
+        assert stats["ok"] is True and stats["devices"] == m.device_metrics()
+        assert stats["devices"]["fs:t"]["lookups_by_name"] == {"missing": 3}
         assert request(path, "reset") == {"ok": True}
-        assert request(path, "stats")["devices"]["fs:t"]["ops"]["LOOKUP"] == 0
+        after = request(path, "stats")["devices"]["fs:t"]
+        assert after["ops"] == {} and after["lookups_by_name"] == {} and after["requests"] == 0
         bad = request(path, "explode")
         assert bad["ok"] is False and "unknown command" in bad["error"]
         assert request(path, "stop") == {"ok": True}
@@ -84,7 +93,8 @@ def test_control_socket_rejects_garbage_and_refuses_a_live_path(tmp_path):
         assert server.handle(b"{not json")["ok"] is False
         with pytest.raises(OSError, match="in use"):
             ControlServer(path, FakeMachine())
-    assert threading.active_count() >= 1
+        assert server.handle(b'"stats"')["ok"] is True   # still serving after the refusal
+    assert not [t for t in threading.enumerate() if t.name == "control"]  # thread joined
 
 
 def test_translate_walks_4k_and_2m_pages():
