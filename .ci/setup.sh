@@ -10,6 +10,7 @@ APT_PACKAGES=(
   linux-source-6.1                                               # guest kernel source
   acpica-tools                                                   # iasl: ACPI table tests
   cpio                                                           # initramfs tests
+  qemu-system-x86 qemu-system-common                             # QEMU 7.2: vhost-user interop tests
   python3-venv python3-dev
 )
 missing=()
