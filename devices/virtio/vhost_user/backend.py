@@ -252,7 +252,7 @@ class VhostUserBackend:
         if msg.header.need_reply and msg.request not in REPLY_REQUESTS:
             return encode_reply(msg.request, encode_u64(1))
         self.counters.closed_by_backend += 1
-        raise CloseConnection(f"{msg.name}: {reason}")
+        raise CloseConnection(reason if reason.startswith(msg.name) else f"{msg.name}: {reason}")
 
     def _vring(self, index: int, what: str) -> Vring:
         if not 0 <= index < self.num_queues:
