@@ -64,6 +64,18 @@ def run_fs_backend(socket_path: str, *, shared_dir: str | None = None, config: P
 
     options = fs_options(shared_dir, config)
     device = FsDevice(options)
+    server: BackendServer | None = None
+    stop_early = False
+
+    def on_signal(signum, _frame) -> None:
+        nonlocal stop_early
+        stop_early = True
+        if server is not None:
+            server.request_stop()
+
+    # Installed before the socket exists, so a SIGTERM that comes as soon as a supervisor sees
+    # the socket is never met by the default action.
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         try:
             server = BackendServer(device, socket_path, once=once)
@@ -72,26 +84,23 @@ def run_fs_backend(socket_path: str, *, shared_dir: str | None = None, config: P
             return EXIT_FAILURE
         with server:
             target = _ControlTarget(server, options.tag)
-            previous = {s: signal.signal(s, lambda *_: server.request_stop())
-                        for s in (signal.SIGTERM, signal.SIGINT)}
+            ctl = None
+            if control:
+                from .control import ControlServer
+                ctl = ControlServer(control, target).__enter__()
             try:
-                ctl = None
-                if control:
-                    from .control import ControlServer
-                    ctl = ControlServer(control, target).__enter__()
-                try:
-                    progress(f"vhost-user-fs back-end: {options.source} as tag {options.tag!r} on "
-                             f"{socket_path}")
-                    server.serve()
-                finally:
-                    if ctl is not None:
-                        ctl.close()
+                progress(f"vhost-user-fs back-end: {options.source} as tag {options.tag!r} on {socket_path}")
+                if stop_early:
+                    server.request_stop()
+                server.serve()
             finally:
-                for s, handler in previous.items():
-                    signal.signal(s, handler)
+                if ctl is not None:
+                    ctl.close()
             if metrics is not None:
                 metrics.write_text(json.dumps({"exit_status": 0, "devices": target.device_metrics()},
                                               indent=2, sort_keys=True) + "\n")
     finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
         device.close()
     return 0
