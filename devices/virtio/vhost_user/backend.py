@@ -120,6 +120,7 @@ class BackendCounters:
     activations: int = 0
     device_stops: int = 0
     worker_cpu_s: float = 0.0  # CPU time of the device workers that have ended
+    call_signals: int = 0  # call-eventfd writes of the sessions that have ended
 
 
     def snapshot(self) -> dict:

@@ -108,7 +108,7 @@ class BackendServer:
         vu = self.counters.snapshot()
         backend = self.backend
         vu["active"] = bool(backend and backend.active)
-        vu["call_signals"] = backend.interrupt.signals if backend else 0
+        vu["call_signals"] += backend.interrupt.signals if backend else 0
         m["vhost_user"] = vu
         times = os.times()
         worker = getattr(self.device, "worker_thread", None)
@@ -180,6 +180,7 @@ class BackendServer:
             logger.exception("vhost-user: internal error; closing the connection")
         finally:
             self.backend = None
+            self.counters.call_signals += backend.interrupt.signals
             try:
                 backend.close()
             except Exception:
