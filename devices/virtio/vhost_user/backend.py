@@ -244,7 +244,7 @@ class VhostUserBackend:
     def _refuse(self, msg: Message, reason: str) -> bytes:
         self.counters.refused += 1
         # One warning per request type and session (the set of keys is bounded), the rest at debug.
-        kind = msg.name if msg.request in Request._value2member_map_ else "unknown"
+        kind = "unknown" if msg.name.startswith("request ") else msg.name
         self._log(kind, "vhost-user: refusing %s: %s (further refusals of %s logged at debug level)",
                   msg.name, reason, kind)
         logger.debug("vhost-user: refusing %s: %s", msg.name, reason)
