@@ -11,6 +11,7 @@ APT_PACKAGES=(
   acpica-tools                                                   # iasl: ACPI table tests
   cpio                                                           # initramfs tests
   patch linux-libc-dev                                           # patch and UAPI header tests
+  qemu-system-x86 qemu-system-common                             # QEMU 7.2: vhost-user interop tests
   python3-venv python3-dev
 )
 missing=()

@@ -1,4 +1,4 @@
-"""Command line: `python -m vmm run|guest|ctl|demo|sweep ...` (also installed as `pyvmm`).
+"""Command line: `python -m vmm run|device|guest|ctl|demo|sweep ...` (also installed as `pyvmm`).
 
 Errors a user can fix (bad config, missing kernel, no /dev/kvm) are one line on stderr and a
 non-zero status, never a traceback; `-v` shows debug logging for the rest.
@@ -53,6 +53,19 @@ def build_parser() -> argparse.ArgumentParser:
                           "negative_timeout, writeback, num_request_queues, trace, trace_path)")
     run.add_argument("--metrics", type=Path, metavar="FILE", help="write device counters as JSON on exit")
     run.add_argument("--control", metavar="PATH", help="open a control socket (stats/reset/stop)")
+
+    device = sub.add_parser("device", help="run a device as a vhost-user back-end process")
+    dsub = device.add_subparsers(dest="device_type", required=True)
+    fs = dsub.add_parser("fs", help="virtio-fs back-end for a vhost-user front-end (e.g. QEMU's "
+                                    "vhost-user-fs-device), like virtiofsd")
+    fs.add_argument("--socket", required=True, metavar="PATH", help="Unix socket to listen on")
+    share = fs.add_mutually_exclusive_group(required=True)
+    share.add_argument("--shared-dir", metavar="PATH:TAG[:k=v...]",
+                       help="the share, with the same keys as `run --shared-dir`")
+    share.add_argument("--config", type=Path, metavar="FILE", help="YAML config with one fs device")
+    fs.add_argument("--once", action="store_true", help="exit when the first front-end disconnects")
+    fs.add_argument("--metrics", type=Path, metavar="FILE", help="write device counters as JSON on exit")
+    fs.add_argument("--control", metavar="PATH", help="open a control socket (stats/reset/stop)")
 
     guest = sub.add_parser("guest", help="guest kernel tools")
     gsub = guest.add_subparsers(dest="guest_command", required=True)
@@ -111,6 +124,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     return result.exit_status
 
 
+def cmd_device(args: argparse.Namespace) -> int:
+    from .device_backend import run_fs_backend
+    return run_fs_backend(args.socket, shared_dir=args.shared_dir, config=args.config, once=args.once,
+                          metrics=args.metrics, control=args.control, progress=_progress)
+
+
 def cmd_guest(args: argparse.Namespace) -> int:
     from guest.build import ensure_kernel
     path = ensure_kernel(progress=_progress, force=args.force)
@@ -143,8 +162,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
-    handlers = {"run": cmd_run, "guest": cmd_guest, "ctl": cmd_ctl, "demo": cmd_demo,
-                "sweep": cmd_sweep}
+    handlers = {"run": cmd_run, "device": cmd_device, "guest": cmd_guest, "ctl": cmd_ctl,
+                "demo": cmd_demo, "sweep": cmd_sweep}
     try:
         return handlers[args.command](args)
     except ConfigError as exc:

@@ -12,12 +12,27 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from typing import Protocol
 
 logger = logging.getLogger(__name__)
 
 # linux/virtio_mmio.h
 VIRTIO_MMIO_INT_VRING = 1 << 0
 VIRTIO_MMIO_INT_CONFIG = 1 << 1
+
+
+class VirtioInterrupt(Protocol):
+    """What a device's worker needs from its transport to notify the driver.
+
+    Implemented by `Interrupt` (virtio-mmio: InterruptStatus + one irqfd) and by
+    `devices.virtio.vhost_user.interrupt.VhostUserInterrupt` (one call eventfd per queue).
+    """
+
+    def signal_used_queue(self, queue_index: int) -> None: ...
+
+    def signal_config_changed(self) -> None: ...
+
+    def signal_needs_reset(self) -> None: ...
 
 
 class Interrupt:
@@ -61,8 +76,13 @@ class Interrupt:
                 self._write_failed_logged = True
                 logger.error("virtio interrupt: irqfd %d write failed: %s", self.irq_fd, e)
 
-    def signal_used_queue(self) -> None:
-        """Tell the driver that a used ring has new entries."""
+    def signal_used_queue(self, queue_index: int = 0) -> None:
+        """Tell the driver that used ring `queue_index` has new entries.
+
+        virtio-mmio has one interrupt line and one "some used ring changed" bit for all queues,
+        so the index is not needed here; transports with one notifier per queue (vhost-user's
+        call eventfds) use it.
+        """
         self._signal(VIRTIO_MMIO_INT_VRING)
 
     def signal_config_changed(self) -> None:

@@ -183,7 +183,7 @@ class FsWorker:
             returned += 1
         if returned and q.needs_notification():
             self.counters.interrupts += 1
-            self.interrupt.signal_used_queue()
+            self.interrupt.signal_used_queue(i)
 
     def _handle(self, i: int, chain) -> int:
         writer = ChainWriter(chain)
