@@ -248,6 +248,99 @@ def parse_ranges(text: str) -> set[int]:
 
 
 # --------------------------------------------------------------------------------------------
+# Comparing a run with the reviewed list of expected deviations
+
+_GENERATED_NAME = re.compile(r"pjdfstest_[0-9a-f]{32}")
+_LONG_NAME = re.compile(r"[0-9a-f]{64,}")
+
+
+def shorten(desc: str, limit: int = 240) -> str:
+    """A subtest's description with pjdfstest's generated names made readable."""
+    desc = _GENERATED_NAME.sub("N", desc)
+    desc = _LONG_NAME.sub(lambda m: f"<{len(m.group())}-char name>", desc)
+    return desc if len(desc) <= limit else desc[:limit] + "..."
+
+
+@dataclass
+class Comparison:
+    """A run against the expected deviations (``tests/pjdfstest_expected.py``)."""
+
+    results: dict[str, FileResult]
+    unexpected: dict[str, dict[int, str]] = field(default_factory=dict)
+    expected: dict[str, dict[str, set[int]]] = field(default_factory=dict)  # cause -> file -> n
+    now_passing: dict[str, set[int]] = field(default_factory=dict)
+    not_run: list[str] = field(default_factory=list)   # listed files that printed nothing
+
+    @property
+    def subtests(self) -> int:
+        return sum(r.total for r in self.results.values())
+
+    @property
+    def failing(self) -> int:
+        return sum(len(r.failures()) for r in self.results.values())
+
+    def report(self, seconds: float | None = None, causes=None) -> str:
+        failing_files = sum(1 for r in self.results.values() if r.failures())
+        n_unexp = sum(len(v) for v in self.unexpected.values())
+        head = (f"pjdfstest: {len(self.results)} files, {self.subtests} subtests, "
+                f"{self.failing} failing in {failing_files} files "
+                f"({self.failing - n_unexp} expected, {n_unexp} unexpected)")
+        if seconds is not None:
+            head += f", {seconds:.0f} s"
+        lines = [head]
+        if self.unexpected:
+            lines.append(f"UNEXPECTED failures ({n_unexp} subtests in {len(self.unexpected)} "
+                         "files; not in tests/pjdfstest_expected.py):")
+            for name in sorted(self.unexpected):
+                fails = self.unexpected[name]
+                lines.append(f"  {name}: {ranges(fails)}")
+                for n in sorted(fails)[:8]:
+                    lines.append(f"      {n}: {shorten(fails[n])}")
+                if len(fails) > 8:
+                    lines.append(f"      ... and {len(fails) - 8} more")
+        if self.not_run:
+            lines.append(f"listed files that did not run: {', '.join(self.not_run)}")
+        if self.now_passing:
+            lines.append("listed as deviations but PASSING now (delete them from the list):")
+            for name in sorted(self.now_passing):
+                lines.append(f"  {name}: {ranges(self.now_passing[name])}")
+        if self.expected:
+            lines.append("expected deviations:")
+            for key in sorted(self.expected):
+                files = self.expected[key]
+                n = sum(len(v) for v in files.values())
+                cause = (causes or {}).get(key)
+                what = f" ({cause.kind}): {cause.summary}" if cause is not None else ""
+                lines.append(f"  {key}{what}: {n} subtests in {len(files)} files")
+        return "\n".join(lines)
+
+
+def compare(results: dict[str, FileResult], deviations) -> Comparison:
+    """Sort every failing subtest into expected (listed, with its cause) or unexpected, and
+    find listed subtests that pass now.  ``deviations``: objects with ``file``, ``subtests``
+    (range notation) and ``cause.key``."""
+    listed: dict[str, dict[int, str]] = {}
+    for d in deviations:
+        for n in parse_ranges(d.subtests):
+            listed.setdefault(d.file, {})[n] = d.cause.key
+    cmp = Comparison(results)
+    for name, r in results.items():
+        want = listed.get(name, {})
+        fails = r.failures()
+        for n, desc in fails.items():
+            key = want.get(n)
+            if key is None:
+                cmp.unexpected.setdefault(name, {})[n] = desc
+            else:
+                cmp.expected.setdefault(key, {}).setdefault(name, set()).add(n)
+        passing = set(want) - set(fails)
+        if passing:
+            cmp.now_passing[name] = passing
+    cmp.not_run = sorted(set(listed) - set(results))
+    return cmp
+
+
+# --------------------------------------------------------------------------------------------
 # A fresh share mounted with `python -m vmm fuse-mount` (a real subprocess)
 
 def mount_fstype(mountpoint: Path | str) -> str | None:
@@ -360,12 +453,13 @@ def main(argv: list[str]) -> int:
             status = fm.stop()
         if args.raw:
             args.raw.write_text(raw)
-    failed = {n: r for n, r in results.items() if r.failures()}
-    subtests = sum(r.total for r in results.values())
-    nfail = sum(len(r.failures()) for r in failed.values())
+    if str(REPO) not in sys.path:      # run as a script: make `tests.` importable
+        sys.path.insert(0, str(REPO))
+    from tests.pjdfstest_expected import CAUSES, EXPECTED
     print(summary(results))
-    print(f"files {len(results)}, subtests {subtests}, failing files {len(failed)}, "
-          f"failing subtests {nfail}, {seconds:.0f} s; fuse-mount exit status {status}")
+    listed = [d for d in EXPECTED if d.file in results] if args.subset else EXPECTED
+    print(compare(results, listed).report(seconds, CAUSES))
+    print(f"fuse-mount exit status {status}")
     return 0
 
 
