@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -192,3 +193,75 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
     r = _cli(str(tmp_path / "mnt"), str(tmp_path), "-o", "colour=blue")
     assert r.returncode == 2 and "unknown option" in r.stderr
     assert mount_fstype(tmp_path) is None and mount_fstype(tmp_path / "mnt") is None
+
+
+class _FaultyServer:
+    """A real Server that, for one opcode, writes nothing and for another raises: what the
+    transport must survive without leaving the caller waiting forever."""
+
+    def __init__(self, server, silent: int, raising: int) -> None:
+        self.server, self.silent, self.raising = server, silent, raising
+        self.max_request, self.max_write = server.max_request, server.max_write
+
+    def handle(self, reader, writer, queue=0):
+        opcode = int.from_bytes(reader.buf[4:8], "little")
+        if opcode == self.silent:
+            return 0
+        if opcode == self.raising:
+            raise RuntimeError("injected")
+        return self.server.handle(reader, writer, queue)
+
+
+def test_a_request_the_server_cannot_answer_gets_eio_not_a_hang(tmp_path):
+    """In-process: the transport's own threads serve this process's syscalls."""
+    from devices.fusedev.mount import mount_fuse
+    from devices.fusedev.session import FuseSession
+    from devices.virtio.fs.device import make_server
+    from devices.virtio.fs.options import FsOptions
+    from devices.virtio.fs.passthrough import PassthroughFs
+    from fuse import abi
+    from fuse.metrics import Metrics
+
+    src, mnt = tmp_path / "src", tmp_path / "mnt"
+    src.mkdir()
+    mnt.mkdir()
+    server = make_server(PassthroughFs(FsOptions(source=str(src), tag="t")), Metrics(), None)
+    m = mount_fuse(str(mnt), str(src))
+    session = FuseSession(m.fd, _FaultyServer(server, abi.Opcode.MKDIR, abi.Opcode.SYMLINK),
+                          threads=2)
+    session.start()
+
+    def errno_of(call) -> int | str:
+        """Run ``call`` in a thread; if it hangs, abort the connection (close /dev/fuse) so
+        the test fails instead of hanging in an unkillable wait."""
+        out: list = []
+
+        def run():
+            try:
+                call()
+                out.append("no error")
+            except OSError as e:
+                out.append(e.errno)
+
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        t.join(10)
+        if t.is_alive():
+            session.stop()
+            m.close()
+            t.join(10)
+            return "hung"
+        return out[0]
+
+    try:
+        (mnt / "ok").write_text("fine")
+        assert errno_of(lambda: os.mkdir(mnt / "d")) == errno.EIO
+        assert errno_of(lambda: os.symlink("t", mnt / "l")) == errno.EIO
+        assert (mnt / "ok").read_text() == "fine"          # still serving
+        assert session.counters.errors == 2
+    finally:
+        m.unmount()
+        session.wait_disconnected(10)
+        session.stop()
+        m.close()
+    assert mount_fstype(mnt) is None

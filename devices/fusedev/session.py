@@ -11,7 +11,8 @@ something.  What the kernel's device says (``fs/fuse/dev.c``):
   ``ENODEV`` the connection is gone; ``EINVAL`` a malformed reply (a server bug, logged).
 
 FORGET, BATCH_FORGET and INTERRUPT get no reply: the server writes nothing for them, and nothing
-is sent.  Several threads may serve one connection; ``fuse.Server.handle`` is thread-safe.
+is sent.  Every other request is answered, if need be with EIO from here: a request the server
+could not answer would otherwise leave its caller waiting until the connection is aborted.  Several threads may serve one connection; ``fuse.Server.handle`` is thread-safe.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import threading
 from dataclasses import asdict, dataclass, field
 
 from devices.virtio.device import LogOnce
+from fuse import abi
 
 from .buffers import ReplyBuffer, RequestBuffer
 
@@ -31,7 +33,8 @@ logger = logging.getLogger(__name__)
 
 #: The kernel refuses reads into anything smaller (FUSE_MIN_READ_BUFFER in fs/fuse/fuse_i.h).
 FUSE_MIN_READ_BUFFER = 8192
-OUT_HEADER_SIZE = 16
+IN_HEADER_SIZE = abi.IN_HEADER.size
+OUT_HEADER_SIZE = abi.OUT_HEADER.size
 #: Largest reply payload apart from READ/READDIR (bounded by max_write): a 64 KiB xattr value or
 #: list (XATTR_SIZE_MAX / XATTR_LIST_MAX).
 MAX_XATTR_REPLY = 65536
@@ -165,10 +168,14 @@ class FuseSession:
             written = self.server.handle(me.request, me.reply, queue=index)
         except Exception as e:  # noqa: BLE001 - handle() should never raise; never die for it
             self._count("errors")
-            self._log(f"handler:{type(e).__name__}", "%s: request failed (%s: %s); no reply",
-                      self.name, type(e).__name__, e, level=logging.ERROR)
-            return True
+            self._log(f"handler:{type(e).__name__}", "%s: request failed (%s: %s); replying "
+                      "EIO", self.name, type(e).__name__, e, level=logging.ERROR)
+            return self._send_error(me, errno.EIO) if self._needs_reply(me.request, n) else True
         if not written:
+            if self._needs_reply(me.request, n):
+                # The server could not answer (it logged why); the caller must not hang.
+                self._count("errors")
+                return self._send_error(me, errno.EIO)
             self._count("no_reply")
             return True
         try:
@@ -183,6 +190,30 @@ class FuseSession:
             self._count("errors")
             self._log(f"write:{e.errno}", "%s: the kernel refused a reply of %d bytes: %s",
                       self.name, written, e, level=logging.ERROR)
+            return True
+        self._count("replies")
+        return True
+
+    @staticmethod
+    def _needs_reply(request: RequestBuffer, length: int) -> bool:
+        """Does the request just read wait for a reply?  Every opcode does except FORGET,
+        BATCH_FORGET, INTERRUPT (and NOTIFY_REPLY, which the kernel never sends us)."""
+        if length < IN_HEADER_SIZE:
+            return False
+        opcode = int.from_bytes(request.buf[4:8], "little")
+        return opcode not in abi.NO_REPLY_OPCODES
+
+    def _send_error(self, me: _Thread, err: int) -> bool:
+        unique = int.from_bytes(me.request.buf[8:16], "little")
+        try:
+            os.write(self.fd, abi.OUT_HEADER.struct.pack(OUT_HEADER_SIZE, -err, unique))
+        except OSError as e:
+            if e.errno == errno.ENODEV:
+                self._disconnected.set()
+                return False
+            if e.errno != errno.ENOENT:
+                self._log(f"write-error:{e.errno}", "%s: could not send an error reply: %s",
+                          self.name, e, level=logging.ERROR)
             return True
         self._count("replies")
         return True
