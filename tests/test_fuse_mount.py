@@ -196,11 +196,12 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
 
 
 class _FaultyServer:
-    """A real Server that, for one opcode, writes nothing and for another raises: what the
-    transport must survive without leaving the caller waiting forever."""
+    """A real Server that, for one opcode each, writes nothing, raises, or writes a reply whose
+    header lies about its length: what the transport must survive without leaving the caller
+    waiting forever."""
 
-    def __init__(self, server, silent: int, raising: int) -> None:
-        self.server, self.silent, self.raising = server, silent, raising
+    def __init__(self, server, silent: int, raising: int, malformed: int) -> None:
+        self.server, self.silent, self.raising, self.malformed = server, silent, raising, malformed
         self.max_request, self.max_write = server.max_request, server.max_write
 
     def handle(self, reader, writer, queue=0):
@@ -209,7 +210,10 @@ class _FaultyServer:
             return 0
         if opcode == self.raising:
             raise RuntimeError("injected")
-        return self.server.handle(reader, writer, queue)
+        n = self.server.handle(reader, writer, queue)
+        if opcode == self.malformed:
+            writer.write_at(0, (n + 8).to_bytes(4, "little"))   # the kernel answers EINVAL
+        return n
 
 
 def test_a_request_the_server_cannot_answer_gets_eio_not_a_hang(tmp_path):
@@ -227,8 +231,8 @@ def test_a_request_the_server_cannot_answer_gets_eio_not_a_hang(tmp_path):
     mnt.mkdir()
     server = make_server(PassthroughFs(FsOptions(source=str(src), tag="t")), Metrics(), None)
     m = mount_fuse(str(mnt), str(src))
-    session = FuseSession(m.fd, _FaultyServer(server, abi.Opcode.MKDIR, abi.Opcode.SYMLINK),
-                          threads=2)
+    session = FuseSession(m.fd, _FaultyServer(server, abi.Opcode.MKDIR, abi.Opcode.SYMLINK,
+                                              abi.Opcode.MKNOD), threads=2)
     session.start()
 
     def errno_of(call) -> int | str:
@@ -257,8 +261,9 @@ def test_a_request_the_server_cannot_answer_gets_eio_not_a_hang(tmp_path):
         (mnt / "ok").write_text("fine")
         assert errno_of(lambda: os.mkdir(mnt / "d")) == errno.EIO
         assert errno_of(lambda: os.symlink("t", mnt / "l")) == errno.EIO
+        assert errno_of(lambda: os.mkfifo(mnt / "p")) == errno.EIO
         assert (mnt / "ok").read_text() == "fine"          # still serving
-        assert session.counters.errors == 2
+        assert session.counters.errors == 3
     finally:
         m.unmount()
         session.wait_disconnected(10)

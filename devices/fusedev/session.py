@@ -188,9 +188,10 @@ class FuseSession:
                 self._disconnected.set()
                 return False
             self._count("errors")
-            self._log(f"write:{e.errno}", "%s: the kernel refused a reply of %d bytes: %s",
-                      self.name, written, e, level=logging.ERROR)
-            return True
+            self._log(f"write:{e.errno}", "%s: the kernel refused a reply of %d bytes (%s); "
+                      "replying EIO", self.name, written, e, level=logging.ERROR)
+            # A reply refused for its form (EINVAL) leaves the request pending in the kernel.
+            return self._send_error(me, errno.EIO)
         self._count("replies")
         return True
 
