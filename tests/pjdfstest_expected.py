@@ -20,6 +20,20 @@ so permission checks the host kernel makes before sending a request (sticky dire
 and unlink permission, chown rules, O_NOATIME) pass whatever the server does with its own root
 credentials; those are covered by the security issue's own tests, not by this list.
 
+Found through the same mount by hand, outside pjdfstest (inputs for the semantic fixes):
+  * renameat2(RENAME_WHITEOUT) as root through the mount creates a 0:0 character device named
+    like the source in the share: the device-node policy has a hole (issue 11 names it).
+  * MKNOD passes rdev=0 to the host whatever the request says (see DEVICES.fix).
+  * GETXATTR/LISTXATTR on symlinks, FIFOs, sockets and devices answer ENOTSUP (no xattr call is
+    made); the host kernel asks for security.capability on them (475 ENOTSUP replies in one
+    pjdfstest run).  A local file system answers ENODATA.  Harmless for pjdfstest.
+  * The 6.18 host kernel may send FUSE_STATX (opcode 52, FUSE 7.39) although the session is
+    7.37; the server answers ENOSYS (the kernel stops asking) and logs "unknown opcode 52" once.
+  * Set-gid inheritance: the host kernel (6.2+) strips S_ISGID from a file a non-member creates
+    in a set-gid directory before sending CREATE, so this mount cannot show it; the 6.1 guest
+    does not, and the passthrough (creating as root, then restoring the mode after its chown)
+    may keep the bit there.  Unverified: to check end-to-end in the guest.
+
 When a fix lands, its entries fail as "listed but passing" (a warning) and are deleted; when a
 policy option that restores POSIX behaviour exists (`allow_mknod`), a second run with it enabled
 must pass with no DEVICES entry at all.
