@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every set-up step on a fresh Debian 12 machine, idempotent (fast when everything is there):
-# Debian packages for the guest kernel build and the tests, a virtualenv with the project, and the
-# project's guest kernel (built once, cached under ~/.cache/pyvmm).
+# Debian packages for the guest kernel build and the tests, a virtualenv with the project, the
+# project's guest kernel and pjdfstest (each built once, cached under ~/.cache/pyvmm).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,6 +12,7 @@ APT_PACKAGES=(
   cpio                                                           # initramfs tests
   patch linux-libc-dev                                           # patch and UAPI header tests
   qemu-system-x86 qemu-system-common                             # QEMU 7.2: vhost-user interop tests
+  autoconf automake perl                                         # pjdfstest build, prove
   python3-venv python3-dev
 )
 missing=()
@@ -34,3 +35,7 @@ fi
 
 # The guest kernel: about 5 minutes on 2 cores the first time, then cached.
 .venv/bin/python -m vmm guest build >/dev/null
+
+# pjdfstest (POSIX file-system tests, run over `vmm fuse-mount`): built from the read-only shared
+# copy into ~/.cache/pyvmm/pjdfstest/<hash> in a few seconds the first time, then cached.
+.venv/bin/python tests/pjdfstest_support.py build >/dev/null

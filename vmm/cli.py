@@ -1,4 +1,4 @@
-"""Command line: `python -m vmm run|device|guest|ctl|demo|sweep ...` (also installed as `pyvmm`).
+"""Command line: `python -m vmm run|device|fuse-mount|guest|ctl|demo|sweep ...` (also installed as `pyvmm`).
 
 Errors a user can fix (bad config, missing kernel, no /dev/kvm) are one line on stderr and a
 non-zero status, never a traceback; `-v` shows debug logging for the rest.
@@ -12,11 +12,16 @@ import logging
 import sys
 from pathlib import Path
 
-from .config import ConfigError, exec_to_script, load_config, parse_shared_dir, with_overrides
+from .config import (ConfigError, exec_to_script, load_config, parse_fs_option_items,
+                     parse_shared_dir, with_overrides)
 
 log = logging.getLogger("vmm")
 
 from .errors import EXIT_FAILURE, EXIT_USAGE
+
+#: The tag of a fuse-mount share: it names the trace file and the metrics entry, as a
+#: shared directory's tag does in a VM.
+FUSE_MOUNT_TAG = "fuse-mount"
 
 
 def _progress(message: str) -> None:
@@ -66,6 +71,18 @@ def build_parser() -> argparse.ArgumentParser:
     fs.add_argument("--once", action="store_true", help="exit when the first front-end disconnects")
     fs.add_argument("--metrics", type=Path, metavar="FILE", help="write device counters as JSON on exit")
     fs.add_argument("--control", metavar="PATH", help="open a control socket (stats/reset/stop)")
+
+    fm = sub.add_parser("fuse-mount", help="serve a directory on the host through /dev/fuse "
+                        "(the virtio-fs server without a VM)")
+    fm.add_argument("source", help="host directory to share")
+    fm.add_argument("mountpoint", help="empty directory to mount on")
+    fm.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE",
+                    help="device option as in --shared-dir (cache, timeout, negative_timeout, "
+                         "writeback, num_request_queues = serving threads, trace, trace_path)")
+    fm.add_argument("--metrics", type=Path, metavar="FILE",
+                    help="write the device counters as JSON on exit")
+    fm.add_argument("--trace", metavar="FILE", help="JSON line per FUSE request "
+                    "(same as -o trace=true -o trace_path=FILE)")
 
     guest = sub.add_parser("guest", help="guest kernel tools")
     gsub = guest.add_subparsers(dest="guest_command", required=True)
@@ -129,6 +146,55 @@ def cmd_device(args: argparse.Namespace) -> int:
     return run_fs_backend(args.socket, shared_dir=args.shared_dir, config=args.config, once=args.once,
                           metrics=args.metrics, control=args.control, progress=_progress)
 
+def cmd_fuse_mount(args: argparse.Namespace) -> int:
+    """Mount, serve until SIGINT/SIGTERM (or an unmount from outside), unmount, report."""
+    import signal
+    import threading
+
+    from devices.fusedev import HostShare, MountError
+
+    items = list(args.option)
+    if args.trace:
+        items += ["trace=true", f"trace_path={args.trace}"]
+    options = parse_fs_option_items("fuse-mount --option", args.source, FUSE_MOUNT_TAG, items)
+    stop = threading.Event()
+    signals: list[int] = []
+
+    def on_signal(signum, _frame):
+        signals.append(signum)
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        try:
+            share = HostShare(options, args.mountpoint)
+        except MountError as exc:
+            raise ConfigError(f"fuse-mount: {exc}") from None
+        try:
+            share.start()
+        except MountError as exc:
+            share.shutdown()
+            print(f"pyvmm: error: {exc}", file=sys.stderr)
+            return EXIT_FAILURE
+        _progress(f"serving {options.source} on {share.mountpoint} (fuse.pyvmm, "
+                  f"{share.threads} thread(s)); SIGINT or SIGTERM unmounts")
+        why = share.wait(stop)
+        clean = share.shutdown()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if why == "stopped":
+        name = signal.Signals(signals[0]).name if signals else "stop"
+        _progress(f"{name}: unmounted {share.mountpoint}" + ("" if clean else
+                  " (it was still in use: connection aborted)"))
+    else:
+        _progress(f"{share.mountpoint} was unmounted; stopped serving")
+    if args.metrics:
+        args.metrics.write_text(json.dumps({
+            "exit_status": 0 if clean else EXIT_FAILURE, "stop": why,
+            "devices": {f"fs:{FUSE_MOUNT_TAG}": share.metrics()}}, indent=2, sort_keys=True) + "\n")
+    return 0 if clean else EXIT_FAILURE
+
 
 def cmd_guest(args: argparse.Namespace) -> int:
     from guest.build import ensure_kernel
@@ -162,8 +228,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
-    handlers = {"run": cmd_run, "device": cmd_device, "guest": cmd_guest, "ctl": cmd_ctl,
-                "demo": cmd_demo, "sweep": cmd_sweep}
+    handlers = {"run": cmd_run, "device": cmd_device, "fuse-mount": cmd_fuse_mount,
+                "guest": cmd_guest, "ctl": cmd_ctl, "demo": cmd_demo, "sweep": cmd_sweep}
     try:
         return handlers[args.command](args)
     except ConfigError as exc:

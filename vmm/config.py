@@ -324,12 +324,23 @@ def parse_shared_dir(spec: str, base: Path | None = None) -> FsOptions:
     parts = spec.split(":")
     if len(parts) < 2 or not parts[0] or not parts[1]:
         raise ConfigError(f"{where}: expected PATH:TAG[:key=value...]")
-    values: dict[str, Any] = {"source": parts[0], "tag": parts[1]}
+    return parse_fs_option_items(where, parts[0], parts[1], parts[2:], base)
+
+
+FS_OPTION_KEYS = ("type", "cache", "timeout", "negative_timeout", "writeback",
+                  "num_request_queues", "trace", "trace_path")
+
+
+def parse_fs_option_items(where: str, source: str, tag: str, items: list[str],
+                          base: Path | None = None) -> FsOptions:
+    """FsOptions from `key=value` strings: the option syntax of `--shared-dir` (after PATH:TAG)
+    and of `fuse-mount --option`; errors name `where` and the key."""
+    values: dict[str, Any] = {"source": source, "tag": tag}
 
     def error(key: str, message: str) -> ConfigError:
         return ConfigError(f"{where}: {key}: {message}")
 
-    for item in parts[2:]:
+    for item in items:
         key, sep, raw = item.partition("=")
         if not sep:
             raise error(key, "expected key=value")
@@ -358,8 +369,7 @@ def parse_shared_dir(spec: str, base: Path | None = None) -> FsOptions:
         elif key == "trace_path":
             values[key] = raw
         else:
-            raise error(key, "unknown option (known: type, cache, timeout, negative_timeout, "
-                             "writeback, num_request_queues, trace, trace_path)")
+            raise error(key, f"unknown option (known: {', '.join(FS_OPTION_KEYS)})")
     return fs_options(values, error, base or Path.cwd())
 
 
