@@ -36,7 +36,7 @@ class LogThrottle:
             self._logger.warning(msg, *args, stacklevel=2)
 
     def bug(self, op: str, exc: BaseException) -> None:
-        """An unexpected exception from a filesystem or encoder while serving ``op``."""
+        """An unexpected exception from a filesystem, an encoder or the observer (``op``)."""
         key = (op, type(exc))
         with self._lock:
             first = key not in self._bugs

@@ -107,7 +107,10 @@ class Server:
         except Exception as e:  # noqa: BLE001 - a broken transport must not kill the worker
             self._log.warn("dropping request without a readable header: %s", e)
             if observer is not None:
-                observer.dropped(queue, None, 0, 0, None, time.perf_counter_ns() - t0)
+                try:
+                    observer.dropped(queue, None, 0, 0, None, time.perf_counter_ns() - t0)
+                except Exception as oe:  # noqa: BLE001
+                    self._log.bug("observer", oe)
             return 0
 
         op = OPS.get(opcode)
@@ -175,10 +178,14 @@ class Server:
         if observer is not None:
             elapsed = time.perf_counter_ns() - t0
             first = names[0] if names else None
-            if dropped:
-                observer.dropped(queue, opcode, unique, nodeid, first, elapsed)
-            else:
-                observer.handled(queue, opcode, unique, nodeid, first, error, result, elapsed)
+            try:
+                if dropped:
+                    observer.dropped(queue, opcode, unique, nodeid, first, elapsed)
+                else:
+                    observer.handled(queue, opcode, unique, nodeid, first, error, result,
+                                     elapsed)
+            except Exception as e:  # noqa: BLE001 - the reply is out; counting must not fail it
+                self._log.bug("observer", e)
         return written
 
     def _bound(self, reader: Reader, held: int, length: int, extlen: int) -> Reader:

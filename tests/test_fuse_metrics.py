@@ -155,3 +155,20 @@ def test_trace_survives_a_closed_stream() -> None:
     assert json.loads(buf.getvalue())["name"] == "\\xff\\xfe"
     buf.close()
     t.record(queue=0, op="LOOKUP", unique=2, nodeid=1, name=None, error=0, us=1.0)  # no raise
+
+
+def test_a_failing_observer_does_not_fail_the_request(tmp_path: Path, caplog) -> None:
+    class Broken:
+        def handled(self, *args) -> None:
+            raise RuntimeError("observer bug")
+
+        def dropped(self, *args) -> None:
+            raise RuntimeError("observer bug")
+
+    fs = MemFS(tmp_path)
+    s = Server(fs, observer=Broken())
+    out = do_init(s)  # answered, whatever the observer does
+    assert out.major == 7
+    assert send(s, b"short") is None
+    assert "observer bug" in caplog.text
+    fs.close()
