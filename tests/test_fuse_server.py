@@ -577,6 +577,12 @@ def test_forget_batch_forget_interrupt_have_no_reply(server: Server, memfs: MemF
     still_serving(server)
 
 
+def test_op_table_no_reply_rows_are_the_abi_s() -> None:
+    """The kernel decides which opcodes get no reply (abi.NO_REPLY_OPCODES); the table agrees."""
+    from fuse.ops import NO_REPLY, OPS
+    assert {op for op, row in OPS.items() if row.reply is NO_REPLY} == set(abi.NO_REPLY_OPCODES)
+
+
 @pytest.mark.parametrize("op", [Opcode.GETLK, Opcode.SETLK, Opcode.SETLKW, Opcode.BMAP,
                                 Opcode.IOCTL, Opcode.POLL, Opcode.SETUPMAPPING,
                                 Opcode.REMOVEMAPPING, Opcode.SYNCFS, Opcode.TMPFILE])
