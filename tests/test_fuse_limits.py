@@ -11,8 +11,17 @@ import errno
 import pytest
 
 from fuse.limits import (
-    NAME_MAX, OFFSET_MAX, PATH_MAX, XATTR_NAME_MAX, XATTR_SIZE_MAX, RequestError, check_name,
-    check_offset, check_symlink_target, check_xattr_name, check_xattr_size,
+    NAME_MAX,
+    OFFSET_MAX,
+    PATH_MAX,
+    XATTR_NAME_MAX,
+    XATTR_SIZE_MAX,
+    RequestError,
+    check_name,
+    check_offset,
+    check_symlink_target,
+    check_xattr_name,
+    check_xattr_size,
 )
 
 

@@ -41,7 +41,7 @@ def check_seconds(value: object) -> float:
     return value
 
 
-def _check_timeout(field: str, value: object) -> float:
+def _seconds_field(field: str, value: object) -> float:
     try:
         return check_seconds(value)
     except ValueError as exc:
@@ -104,9 +104,9 @@ class FsOptions:
                 f"cache must be one of {'|'.join(CACHE_POLICIES)}, got {self.cache!r}")
 
         # timeouts
-        object.__setattr__(self, "timeout", _check_timeout("timeout", self.timeout))
+        object.__setattr__(self, "timeout", _seconds_field("timeout", self.timeout))
         object.__setattr__(self, "negative_timeout",
-                           _check_timeout("negative_timeout", self.negative_timeout))
+                           _seconds_field("negative_timeout", self.negative_timeout))
 
         # flags
         for field in ("writeback", "trace"):
