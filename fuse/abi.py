@@ -49,13 +49,9 @@ FUSE_COMPAT_22_INIT_OUT_SIZE = 24
 #: Size of ``fuse_init_in`` before 7.36 added ``flags2`` (kernels < 5.17 send only this much).
 FUSE_COMPAT_INIT_IN_SIZE = 16
 
-#: Kernel-side limit on a name in a dirent (``FUSE_NAME_MAX`` in fs/fuse/fuse_i.h).
+#: Kernel-side limit on a name in a dirent (``FUSE_NAME_MAX`` in fs/fuse/fuse_i.h).  The Linux
+#: limits on names, paths and xattrs (linux/limits.h) are in fuse.limits with their checks.
 FUSE_NAME_MAX = 1024
-#: Linux limits used to bound guest-supplied names/values.
-PATH_MAX = 4096
-XATTR_NAME_MAX = 255
-XATTR_SIZE_MAX = 65536
-XATTR_LIST_MAX = 65536
 
 # --------------------------------------------------------------------------------------------
 # Opcodes
@@ -352,6 +348,10 @@ class Layout:
     is what the hot paths use directly; ``unpack``/``pack`` convert to/from the namedtuple.
     """
 
+    size: int
+    align: int
+    fmt_body: str
+
     def __init__(self, name: str, fields: tuple[tuple[str, str], ...]) -> None:
         self.name = name
         self.fields = fields
@@ -406,7 +406,8 @@ class Layout:
         self.struct = struct.Struct("<" + self.fmt_body)
         assert self.struct.size == self.size, name
         names = [f for (f, s) in fields if s != "[]"]
-        self.tuple_type = collections.namedtuple(name, names)  # type: ignore[misc]
+        #: The namedtuple class (typed Any: its fields are only known at run time).
+        self.tuple_type: Any = collections.namedtuple(name, names)  # type: ignore[misc]
         # Fast path when every field is a scalar.
         self._simple = all(kind == "scalar" for kind, _ in self._shape if kind != "flex")
 

@@ -5,9 +5,20 @@ Errors are raised as ``OSError`` with ``.errno`` and become ``-errno`` replies. 
 raises ``OSError(ENOSYS)`` by default, so a filesystem implements only what it supports and
 the guest learns the rest is missing (Linux stops sending some ops after one ENOSYS).
 
-Names reaching a filesystem were checked by the server: NUL stripped, non-empty, no ``/``, no
-NUL, and never ``.``/``..`` where an entry would be created, removed or renamed.  A
-filesystem should still re-check (defence in depth).
+Names reaching a filesystem were checked by the server with the rules of :mod:`fuse.limits`
+(non-empty, no ``/`` or NUL, at most NAME_MAX bytes, never ``.``/``..`` except in a LOOKUP after
+the filesystem asked for ``FUSE_EXPORT_SUPPORT``).  A filesystem should still re-check with the
+same functions (defence in depth), so both sides give the same errno.
+
+Sessions: the server calls ``init()`` when the guest starts a FUSE session and ``destroy()`` when
+it ends one (FUSE_DESTROY, a second INIT, a device reset).  ``fuse.session.Session`` is the only
+caller of either, and always calls ``destroy()`` before a new ``init()`` on a filesystem that
+served a session, so a filesystem never resets itself in ``init()``.
+
+Lookup counts: every positive :class:`Entry` a filesystem returns counts one lookup the guest will
+FORGET.  When the server cannot send one (the reply does not fit, an entry is malformed, a
+READDIRPLUS page is full) it calls ``forget(nodeid, 1)`` itself, from one place
+(``fuse.ops.undo_lookup``), so the counts stay balanced.
 """
 
 from __future__ import annotations
@@ -20,13 +31,31 @@ from typing import Iterator, NamedTuple
 from .io import Reader, Writer
 
 
-@dataclass(frozen=True, slots=True)
-class Context:
-    """Credentials of the guest process that caused the request (from fuse_in_header)."""
+class Context(NamedTuple):
+    """Credentials of the guest process that caused the request (from fuse_in_header).
+
+    A NamedTuple rather than a frozen dataclass: one is built per request, and this is the
+    cheapest immutable record Python has.
+    """
 
     uid: int
     gid: int
     pid: int
+
+
+@dataclass(frozen=True, slots=True)
+class InitReply:
+    """What a filesystem supports, returned by :meth:`FileSystem.init` (crosvm: ``FsOptions``).
+
+    ``flags`` are the FUSE_* INIT flags the filesystem wants.  The session keeps only those the
+    guest offered and the server can carry (``fuse.session``), so a filesystem states what it
+    supports without masking anything itself.  Optional operations are announced here, not
+    guessed from which methods a class overrides: ask for ``FUSE_DO_READDIRPLUS`` (and
+    ``FUSE_READDIRPLUS_AUTO``) only when :meth:`FileSystem.readdirplus` is implemented, and for
+    ``FUSE_EXPORT_SUPPORT`` only when :meth:`FileSystem.lookup` answers ``.`` and ``..``.
+    """
+
+    flags: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,11 +114,14 @@ def _enosys() -> OSError:
 class FileSystem:
     """Base class: every operation answers ENOSYS until a subclass overrides it."""
 
-    def init(self, capable: int) -> int:
-        """Called on FUSE_INIT with the guest's capability flags; returns the FUSE_* flags wanted."""
+    def init(self, capable: int) -> InitReply:
+        """A session starts: ``capable`` is the guest's 64-bit FUSE_* flag set (read-only
+        information; the session does the masking).  Called once per session, after
+        ``destroy()`` of the previous one."""
         raise _enosys()
 
     def destroy(self) -> None:
+        """The session ended: release everything it held (node ids, handles)."""
         raise _enosys()
 
     def lookup(self, ctx: Context, parent: int, name: bytes) -> Entry:

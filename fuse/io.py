@@ -5,7 +5,8 @@ and writes the reply through a :class:`Writer`.  The virtio layer implements bot
 readable/writable halves of a descriptor chain (with ``preadv``/``pwritev`` straight into guest
 memory for file data); :class:`BytesReader`/:class:`BytesWriter` implement them over plain
 buffers so the server can be tested and fuzzed without a VM, including the zero-copy paths
-(they really call ``os.pwrite``/``os.preadv``).
+(they really call ``os.pwrite``/``os.preadv``).  :class:`LimitedReader` bounds another reader
+to the length the request header declares.
 """
 
 from __future__ import annotations
@@ -146,3 +147,33 @@ class BytesWriter:
     def data(self) -> bytes:
         """The reply bytes, ``[0, bytes_written)``."""
         return bytes(self._buf[:self._high])
+
+
+class LimitedReader:
+    """A Reader that exposes only the first ``limit`` bytes of another one.
+
+    The server wraps the transport's reader in one when ``in_header.len`` says the request is
+    shorter than the readable buffer, so that trailing bytes (or 7.38 request extensions) are
+    never taken as arguments or file data.
+    """
+
+    __slots__ = ("_inner", "_left")
+
+    def __init__(self, inner: Reader, limit: int) -> None:
+        self._inner = inner
+        self._left = limit
+
+    def remaining(self) -> int:
+        return self._left
+
+    def read(self, size: int) -> bytes:
+        if size < 0 or size > self._left:
+            raise BufferTooSmall(f"read {size} with {self._left} left")
+        data = self._inner.read(size)
+        self._left -= size
+        return data
+
+    def read_to_fd(self, fd: int, size: int, offset: int) -> int:
+        n = self._inner.read_to_fd(fd, max(0, min(size, self._left)), offset)
+        self._left -= n
+        return n

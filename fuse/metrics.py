@@ -24,6 +24,14 @@ def _display_name(name: bytes) -> str:
     return name.decode("utf-8", "backslashreplace")
 
 
+def _by_display_name(counts: dict[bytes, int]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for name, n in counts.items():
+        key = _display_name(name)
+        out[key] = out.get(key, 0) + n
+    return out
+
+
 class Metrics:
     """Counters; ``snapshot()`` returns a JSON-able dict, ``reset()`` zeroes everything.
 
@@ -39,6 +47,9 @@ class Metrics:
       taken from the guest by WRITE).
     """
 
+    # Updates run once or twice per request on the worker thread: they count raw values (errno
+    # numbers, name bytes) and leave turning them into names to snapshot().
+
     def __init__(self, max_names: int = DEFAULT_MAX_NAMES) -> None:
         self._lock = threading.Lock()
         self.max_names = max_names
@@ -48,9 +59,9 @@ class Metrics:
         self._requests = 0
         self._dropped = 0
         self._ops: Counter[str] = Counter()
-        self._errors: Counter[str] = Counter()
+        self._errors: Counter[int] = Counter()
         self._lookup = Counter({"positive": 0, "negative": 0, "error": 0, "enoent": 0})
-        self._names: dict[str, int] = {}
+        self._names: dict[bytes, int] = {}
         self._names_dropped = 0
         self._bytes_read = 0
         self._bytes_written = 0
@@ -65,7 +76,7 @@ class Metrics:
             self._requests += 1
             self._ops[op] += 1
             if error:
-                self._errors[errno_name(error)] += 1
+                self._errors[error] += 1
 
     def record_dropped(self, op: str | None = None) -> None:
         """A request that got no reply (malformed, or no room for one)."""
@@ -78,22 +89,36 @@ class Metrics:
     def record_lookup(self, name: bytes | None, nodeid: int | None, error: int) -> None:
         """Outcome of one LOOKUP: ``error`` (positive errno) or the replied ``nodeid``."""
         with self._lock:
+            self._record_lookup_locked(name, nodeid, error)
+
+    def record_lookup_request(self, name: bytes | None, nodeid: int | None,
+                              error: int) -> None:
+        """``record_request("LOOKUP", error)`` and ``record_lookup(...)`` under one lock
+        acquisition: LOOKUP is the request a guest sends most."""
+        with self._lock:
+            self._requests += 1
+            self._ops["LOOKUP"] += 1
             if error:
-                self._lookup["error"] += 1
-                if error == errno_mod.ENOENT:
-                    self._lookup["enoent"] += 1
-            elif nodeid == 0:
-                self._lookup["negative"] += 1
+                self._errors[error] += 1
+            self._record_lookup_locked(name, nodeid, error)
+
+    def _record_lookup_locked(self, name: bytes | None, nodeid: int | None, error: int) -> None:
+        if error:
+            self._lookup["error"] += 1
+            if error == errno_mod.ENOENT:
+                self._lookup["enoent"] += 1
+        elif nodeid == 0:
+            self._lookup["negative"] += 1
+        else:
+            self._lookup["positive"] += 1
+        if name is not None:
+            key = bytes(name)
+            if key in self._names:
+                self._names[key] += 1
+            elif len(self._names) < self.max_names:
+                self._names[key] = 1
             else:
-                self._lookup["positive"] += 1
-            if name is not None:
-                key = _display_name(name)
-                if key in self._names:
-                    self._names[key] += 1
-                elif len(self._names) < self.max_names:
-                    self._names[key] = 1
-                else:
-                    self._names_dropped += 1
+                self._names_dropped += 1
 
     def add_bytes_read(self, n: int) -> None:
         with self._lock:
@@ -109,12 +134,12 @@ class Metrics:
                 "requests": self._requests,
                 "dropped": self._dropped,
                 "ops": dict(self._ops),
-                "errors": dict(self._errors),
+                "errors": {errno_name(e): n for e, n in self._errors.items()},
                 "lookup_positive": self._lookup["positive"],
                 "lookup_negative": self._lookup["negative"],
                 "lookup_error": self._lookup["error"],
                 "lookup_enoent": self._lookup["enoent"],
-                "lookups_by_name": dict(self._names),
+                "lookups_by_name": _by_display_name(self._names),
                 "lookups_by_name_dropped": self._names_dropped,
                 "bytes_read": self._bytes_read,
                 "bytes_written": self._bytes_written,

@@ -1,4 +1,4 @@
-"""BytesReader/BytesWriter: the in-memory transport must honour the Reader/Writer contract."""
+"""BytesReader/BytesWriter must honour the Reader/Writer contract; LimitedReader must bound one."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fuse.io import BufferTooSmall, BytesReader, BytesWriter, Reader, Writer
+from fuse.io import BufferTooSmall, BytesReader, BytesWriter, LimitedReader, Reader, Writer
 
 
 def test_protocol_conformance() -> None:
@@ -72,5 +72,25 @@ def test_writer_from_fd(tmp_path: Path) -> None:
         w2 = BytesWriter(100)
         assert w2.write_from_fd(fd, 50, 8) == 2  # short at EOF
         assert w2.data == b"89" and w2.bytes_written == 2
+    finally:
+        os.close(fd)
+
+
+def test_limited_reader_never_reads_past_its_limit(tmp_path: Path) -> None:
+    inner = BytesReader(b"0123456789")
+    r = LimitedReader(inner, 6)
+    assert isinstance(r, Reader) and r.remaining() == 6
+    assert r.read(2) == b"01"
+    with pytest.raises(BufferTooSmall):
+        r.read(5)  # the inner reader still has 8, but only 4 are the request's
+    assert r.remaining() == 4 and inner.remaining() == 8, "a failed read must not consume"
+    with pytest.raises(BufferTooSmall):
+        r.read(-1)
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        assert r.read_to_fd(fd, 100, 0) == 4  # bounded by the limit, not by the inner reader
+        assert os.pread(fd, 100, 0) == b"2345"
+        assert r.remaining() == 0 and inner.remaining() == 4
+        assert r.read_to_fd(fd, 100, 0) == 0
     finally:
         os.close(fd)

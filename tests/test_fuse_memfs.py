@@ -20,7 +20,7 @@ from typing import Any, Iterator, NamedTuple
 import pytest
 
 from fuse import abi
-from fuse.filesystem import Context, DirEntry, Entry, FileSystem, SetattrRequest
+from fuse.filesystem import Context, DirEntry, Entry, FileSystem, InitReply, SetattrRequest
 from fuse.io import BytesReader, BytesWriter
 from fuse.server import Server
 
@@ -120,10 +120,13 @@ class MemFS(FileSystem):
         return self.node(nodeid)
 
     # -- FileSystem ----------------------------------------------------------------------
-    def init(self, capable: int) -> int:
+    #: What MemFS supports whatever the test asks for: readdirplus, and LOOKUP of '.'/'..'.
+    SUPPORTS = abi.FUSE_DO_READDIRPLUS | abi.FUSE_READDIRPLUS_AUTO | abi.FUSE_EXPORT_SUPPORT
+
+    def init(self, capable: int) -> InitReply:
         self.init_capable = capable
         self.calls.append(("init", capable))
-        return self.want
+        return InitReply(flags=self.want | self.SUPPORTS)
 
     def destroy(self) -> None:
         self.destroyed += 1

@@ -8,6 +8,8 @@ import json
 import threading
 from pathlib import Path
 
+import pytest
+
 from fuse import abi
 from fuse.abi import Opcode
 from fuse.metrics import Metrics
@@ -105,6 +107,47 @@ def test_server_feeds_metrics_and_trace(tmp_path: Path) -> None:
     fs.close()
 
 
+class Log:
+    """A RequestObserver that keeps every call."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def handled(self, *args) -> None:
+        self.calls.append(("handled",) + args)
+
+    def dropped(self, *args) -> None:
+        self.calls.append(("dropped",) + args)
+
+
+def test_one_injected_observer_sees_every_outcome(tmp_path: Path) -> None:
+    fs = MemFS(tmp_path)
+    nid = fs.add_file(1, b"f", b"0123456789")
+    obs = Log()
+    s = Server(fs, observer=obs)
+    do_init(s)
+    send(s, request(Opcode.LOOKUP, cstr(b"f"), unique=21), queue=2)
+    send(s, request(Opcode.LOOKUP, cstr(b"nope"), unique=22), queue=2)
+    fh = fs.open(None, nid, 0)[0]
+    send(s, request(Opcode.READ, abi.READ_IN.pack(fh=fh, size=4), nodeid=nid, unique=23))
+    send(s, request(Opcode.FORGET, abi.FORGET_IN.pack(nlookup=1), nodeid=nid, unique=24))
+    send(s, request(Opcode.BATCH_FORGET, abi.BATCH_FORGET_IN.pack(count=9), unique=25))
+    send(s, b"short")
+    kinds = [c[0] for c in obs.calls]
+    assert kinds == ["handled"] * 5 + ["dropped"] * 2
+    _, queue, opcode, unique, nodeid, name, error, entry, ns = obs.calls[1]
+    assert (queue, opcode, unique, nodeid, name, error) == (2, Opcode.LOOKUP, 21, 1, b"f", 0)
+    assert entry.nodeid == nid and ns > 0           # the filesystem's Entry, and a duration
+    assert obs.calls[2][5:8] == (b"nope", errno.ENOENT, None)
+    assert obs.calls[3][2] == Opcode.READ and obs.calls[3][7] == 4   # bytes read
+    assert obs.calls[4][2] == Opcode.FORGET and obs.calls[4][6] == 0
+    assert obs.calls[5][1:4] == (1, Opcode.BATCH_FORGET, 25)
+    assert obs.calls[6][1:3] == (1, None)             # not even a header
+    with pytest.raises(ValueError):
+        Server(fs, observer=obs, metrics=Metrics())
+    fs.close()
+
+
 def test_trace_survives_a_closed_stream() -> None:
     buf = io.StringIO()
     t = Trace(buf)
@@ -112,3 +155,20 @@ def test_trace_survives_a_closed_stream() -> None:
     assert json.loads(buf.getvalue())["name"] == "\\xff\\xfe"
     buf.close()
     t.record(queue=0, op="LOOKUP", unique=2, nodeid=1, name=None, error=0, us=1.0)  # no raise
+
+
+def test_a_failing_observer_does_not_fail_the_request(tmp_path: Path, caplog) -> None:
+    class Broken:
+        def handled(self, *args) -> None:
+            raise RuntimeError("observer bug")
+
+        def dropped(self, *args) -> None:
+            raise RuntimeError("observer bug")
+
+    fs = MemFS(tmp_path)
+    s = Server(fs, observer=Broken())
+    out = do_init(s)  # answered, whatever the observer does
+    assert out.major == 7
+    assert send(s, b"short") is None
+    assert "observer bug" in caplog.text
+    fs.close()

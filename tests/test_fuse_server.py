@@ -13,10 +13,10 @@ import pytest
 
 from fuse import abi
 from fuse.abi import Opcode
-from fuse.filesystem import DirEntry, Entry, FileSystem
+from fuse.filesystem import DirEntry, Entry, FileSystem, InitReply
 from fuse.io import BytesReader, BytesWriter
 from fuse.metrics import Metrics
-from fuse.server import Server, split_timeout
+from fuse.server import Server
 from test_fuse_memfs import (  # noqa: F401 - fixtures are used by name
     INIT_FLAGS_61, MemFS, cstr, do_init, init_body, memfs, request, send, server,
 )
@@ -138,13 +138,41 @@ def test_writeback_only_when_fs_asks(tmp_path: Path) -> None:
     fs.close()
 
 
-def test_readdirplus_flags_need_an_implementation(tmp_path: Path) -> None:
+def test_readdirplus_flags_only_when_the_fs_reports_them(tmp_path: Path) -> None:
+    """init() says what the filesystem supports; the server never inspects its class."""
+    plus = abi.FUSE_DO_READDIRPLUS | abi.FUSE_READDIRPLUS_AUTO
+
     class NoPlus(MemFS):
         readdirplus = FileSystem.readdirplus
 
+        def init(self, capable: int) -> InitReply:
+            return InitReply(flags=super().init(capable).flags & ~plus)
+
     fs = NoPlus(tmp_path)
     out = do_init(Server(fs))
-    assert not out.flags & (abi.FUSE_DO_READDIRPLUS | abi.FUSE_READDIRPLUS_AUTO)
+    assert not out.flags & plus
+    fs.close()
+
+
+def test_init_must_return_an_init_reply(tmp_path: Path) -> None:
+    class OldShape(MemFS):
+        def init(self, capable: int) -> int:  # type: ignore[override]
+            return abi.FUSE_DO_READDIRPLUS
+
+    fs = OldShape(tmp_path)
+    s = Server(fs)
+    err(send(s, request(Opcode.INIT, init_body())), errno.EIO)
+    assert not s.initialized
+    fs.close()
+
+
+def test_session_masks_what_the_fs_wants_with_what_the_guest_offers(tmp_path: Path) -> None:
+    """The filesystem does no masking itself: one owner (fuse.session) for the INIT flags."""
+    fs = MemFS(tmp_path, want=abi.FUSE_WRITEBACK_CACHE | abi.FUSE_CACHE_SYMLINKS)
+    out = do_init(Server(fs), flags=abi.FUSE_ASYNC_READ | abi.FUSE_CACHE_SYMLINKS)
+    assert fs.init_capable == abi.FUSE_ASYNC_READ | abi.FUSE_CACHE_SYMLINKS
+    assert out.flags == abi.FUSE_ASYNC_READ | abi.FUSE_CACHE_SYMLINKS
+    assert out.flags2 == 0
     fs.close()
 
 
@@ -179,8 +207,8 @@ def test_base_filesystem_answers_enosys(tmp_path: Path) -> None:
     err(send(s, request(Opcode.INIT, init_body())), errno.ENOSYS)
 
     class OnlyInit(FileSystem):
-        def init(self, capable: int) -> int:
-            return 0
+        def init(self, capable: int) -> InitReply:
+            return InitReply()
 
     s = Server(OnlyInit())
     do_init(s)
@@ -201,6 +229,18 @@ def test_destroy_replies_and_ends_session(server: Server, memfs: MemFS) -> None:
     err(lookup(server, 1, b"x"), errno.EIO)
     do_init(server)
     err(lookup(server, 1, b"x"), errno.ENOENT)
+    assert memfs.destroyed == 1, "the next INIT found no session to end"
+
+
+def test_end_session_is_the_transport_s_destroy(server: Server, memfs: MemFS) -> None:
+    """A device reset ends the session through the server (fuse.session is the one owner of
+    FileSystem.init/destroy), so a later INIT does not destroy it a second time."""
+    server.end_session()
+    assert memfs.destroyed == 1 and not server.initialized and server.flags == 0
+    err(lookup(server, 1, b"x"), errno.EIO)
+    do_init(server)
+    assert memfs.destroyed == 1
+    assert [c[0] for c in memfs.calls].count("init") == 2
 
 
 # ------------------------------------------------------------------------------------------
@@ -248,9 +288,26 @@ def test_lookup_enoent(server: Server) -> None:
     err(lookup(server, 999, b"x"), errno.ENOENT)
 
 
-def test_lookup_dot_and_dotdot_reach_the_fs(server: Server, memfs: MemFS) -> None:
+def test_lookup_dot_and_dotdot_reach_the_fs_with_export_support(server: Server,
+                                                                 memfs: MemFS) -> None:
+    assert server.flags & abi.FUSE_EXPORT_SUPPORT  # MemFS answers them, and says so
     assert entry_of(lookup(server, 1, b".")).nodeid == 1
     assert entry_of(lookup(server, 1, b"..")).nodeid == 1
+
+
+@pytest.mark.parametrize("name", [b".", b".."])
+def test_lookup_dots_without_export_support_are_einval(tmp_path: Path, name: bytes) -> None:
+    """Only NFS export looks up '.'/'..' (fuse_get_dentry/fuse_get_parent); without it the
+    answer is the one every op gives for them (crosvm, virtiofsd), and the fs is not asked."""
+    class NoExport(MemFS):
+        SUPPORTS = MemFS.SUPPORTS & ~abi.FUSE_EXPORT_SUPPORT
+
+    fs = NoExport(tmp_path)
+    s = Server(fs)
+    do_init(s)
+    err(lookup(s, 1, name), errno.EINVAL)
+    assert not any(c[0] == "lookup" for c in fs.calls)
+    fs.close()
 
 
 def test_fs_bug_is_eio_logged_once_with_traceback(server: Server, caplog) -> None:
@@ -271,17 +328,6 @@ def test_oserror_without_errno_is_eio(tmp_path: Path) -> None:
     s = Server(fs)
     do_init(s)
     err(send(s, request(Opcode.STATFS)), errno.EIO)
-
-
-def test_split_timeout() -> None:
-    assert split_timeout(0) == (0, 0)
-    assert split_timeout(-1.0) == (0, 0)
-    assert split_timeout(float("nan")) == (0, 0)
-    assert split_timeout(1.5) == (1, 500_000_000)
-    assert split_timeout(0.001) == (0, 1_000_000)
-    assert split_timeout(86400.0) == (86400, 0)
-    assert split_timeout(float("inf")) == (2**64 - 1, 0)
-    assert split_timeout(0.9999999999) == (1, 0)
 
 
 # ------------------------------------------------------------------------------------------
@@ -529,6 +575,12 @@ def test_forget_batch_forget_interrupt_have_no_reply(server: Server, memfs: MemF
     assert server.handle(BytesReader(request(Opcode.FORGET, abi.FORGET_IN.pack(nlookup=1),
                                              nodeid=nid)), BytesWriter(0)) == 0
     still_serving(server)
+
+
+def test_op_table_no_reply_rows_are_the_abi_s() -> None:
+    """The kernel decides which opcodes get no reply (abi.NO_REPLY_OPCODES); the table agrees."""
+    from fuse.ops import NO_REPLY, OPS
+    assert {op for op, row in OPS.items() if row.reply is NO_REPLY} == set(abi.NO_REPLY_OPCODES)
 
 
 @pytest.mark.parametrize("op", [Opcode.GETLK, Opcode.SETLK, Opcode.SETLKW, Opcode.BMAP,
@@ -914,6 +966,25 @@ def test_truncated_no_reply_ops_are_dropped(server: Server, memfs: MemFS) -> Non
     for op in (Opcode.FORGET, Opcode.BATCH_FORGET, Opcode.INTERRUPT):
         assert send(server, request(op, b"\1\2\3")) is None
     assert len(memfs.calls) == n_calls
+    still_serving(server)
+
+
+class BrokenWriter(BytesWriter):
+    """Room on paper, but the transport fails the write (e.g. guest memory went away)."""
+
+    def write(self, data) -> None:
+        raise OSError(errno.EFAULT, "bad address")
+
+
+def test_entries_that_cannot_be_sent_are_given_back(server: Server, memfs: MemFS) -> None:
+    f = memfs.add_file(1, b"f")
+    assert server.handle(BytesReader(request(Opcode.LOOKUP, cstr(b"f"))), BrokenWriter(4096)) == 0
+    assert memfs.lookups[f] == 0 and ("forget", f, 1) in memfs.calls
+    body = abi.CREATE_IN.pack(flags=os.O_RDWR, mode=0o644) + cstr(b"new")
+    assert server.handle(BytesReader(request(Opcode.CREATE, body)), BrokenWriter(4096)) == 0
+    new = memfs.nodes[1].children[b"new"]
+    assert memfs.lookups[new] == 0 and memfs.handles == {}   # forgotten and released
+    assert memfs.calls[-1][:3] == ("release", new, 100)
     still_serving(server)
 
 

@@ -104,7 +104,7 @@ def read_handle(fs, nodeid, fh):
 
 
 @pytest.mark.parametrize("name,err", [
-    (b"..", errno.EPERM), (b".", errno.EPERM), (b"", errno.EINVAL),
+    (b"..", errno.EINVAL), (b".", errno.EINVAL), (b"", errno.EINVAL),
     (b"../outside", errno.EINVAL), (b"../outside/secret", errno.EINVAL), (b"/etc", errno.EINVAL),
     (b"a/b", errno.EINVAL), (b"x\0y", errno.EINVAL), (b"/", errno.EINVAL),
 ])
@@ -131,7 +131,7 @@ def test_bad_names_refused_everywhere(world, fs, name, err):
 
 def test_dotdot_at_root_with_negative_cache_is_not_cached_or_followed(world):
     fs = PassthroughFs(FsOptions(source=str(world.share), tag="t", negative_timeout=5))
-    assert errno_of(fs.lookup, CTX, ROOT, b"..") == errno.EPERM
+    assert errno_of(fs.lookup, CTX, ROOT, b"..") == errno.EINVAL
     assert errno_of(fs.lookup, CTX, ROOT, b"../outside/secret") == errno.EINVAL
     world.check()
 

@@ -96,9 +96,10 @@ def test_dotdot_and_slash_never_reach_outside(share):
     (share.parent / "outside").write_bytes(b"secret")
     w = Wire(share, negative_timeout=5)
     w.init()
-    for name in (b"..", b"../outside", b"a/b"):
+    for name in (b"..", b".", b"../outside", b"a/b"):
         err, e = w.lookup(name)
         assert err != 0 or e.nodeid == 0, name
+        assert err == -errno.EINVAL, name  # the server and the passthrough agree (fuse.limits)
 
 
 def test_writeback_flag_negotiation(share):
@@ -107,6 +108,10 @@ def test_writeback_flag_negotiation(share):
     assert not plain.flags & abi.FUSE_WRITEBACK_CACHE
     wb = Wire(share, writeback=True).init()
     assert wb.flags & abi.FUSE_WRITEBACK_CACHE
+    # never more than the guest offers: the session masks, not the filesystem
+    wb = Wire(share, writeback=True).init(flags=0xFFFFFFFF & ~abi.FUSE_WRITEBACK_CACHE)
+    assert not wb.flags & abi.FUSE_WRITEBACK_CACHE and wb.flags & abi.FUSE_DO_READDIRPLUS
+    assert Wire(share, writeback=True).init(flags=0).flags == 0
 
 
 def test_read_write_roundtrip(share):

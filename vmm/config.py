@@ -8,7 +8,6 @@ status 2 instead of failing halfway through a boot.
 from __future__ import annotations
 
 import difflib
-import math
 import os
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any, Callable
 
 import yaml
 
-from devices.virtio.fs.options import FsOptions
+from devices.virtio.fs.options import FsOptions, check_seconds
 
 DISCOVERY_MODES = ("cmdline", "acpi", "both")
 MAX_VCPUS = 8
@@ -113,7 +112,7 @@ class _Section:
 
     def take_seconds(self, name: str, default: float) -> float:
         value = self.take(name, (int, float), default)
-        return check_seconds(value, lambda msg: self.error(name, msg))
+        return _seconds(value, lambda msg: self.error(name, msg))
 
     def take_choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
         value = self.take(name, str, default)
@@ -154,14 +153,12 @@ def _names(kinds: tuple[type, ...]) -> str:
     return " or ".join(names.get(k, k.__name__) for k in kinds)
 
 
-def check_seconds(value: float, error: Callable[[str], Exception]) -> float:
-    """Timeouts are finite and non-negative: FUSE carries them as u64 seconds + u32 nanoseconds."""
-    value = float(value)
-    if not math.isfinite(value) or value < 0:
-        raise error(f"must be a finite number of seconds >= 0, got {value}")
-    if value >= 2 ** 63:
-        raise error(f"is too large ({value})")
-    return value
+def _seconds(value: Any, error: Callable[[str], Exception]) -> float:
+    """devices.virtio.fs.options.check_seconds (the one timeout rule), as a config error."""
+    try:
+        return check_seconds(value)
+    except ValueError as exc:
+        raise error(str(exc)) from None
 
 
 def check_path(value: str, base: Path, must_exist: bool, directory: bool,
@@ -191,7 +188,7 @@ def fs_options(values: dict[str, Any], error: Callable[[str, str], Exception], b
     kwargs["source"] = str(path.resolve())
     for key in ("timeout", "negative_timeout"):
         if key in kwargs:
-            kwargs[key] = check_seconds(kwargs[key], lambda msg, k=key: error(k, msg))
+            kwargs[key] = _seconds(kwargs[key], lambda msg, k=key: error(k, msg))
     if kwargs.get("trace_path"):
         kwargs["trace_path"] = str(check_path(str(kwargs["trace_path"]), base, False, False,
                                               lambda msg: error("trace_path", msg)))

@@ -114,10 +114,7 @@ class HostShare:
             if not self.session.stop():
                 logger.warning("fuse-mount: a serving thread is still busy; closing anyway")
             self.mount.close()  # if the kernel still had the connection, this aborts it
-        try:
-            self.fs.destroy()
-        except Exception:  # noqa: BLE001
-            logger.exception("fuse-mount: destroy failed")
+        self.server.end_session()  # the session owner ends it (fuse/session.py)
         self._close_trace()
         return clean
 

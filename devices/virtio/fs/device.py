@@ -6,8 +6,9 @@ the hiprio queue (FORGETs), queues 1..n carry requests. No device-specific featu
 notification queue and no DAX window (the transport reports no shared memory region).
 
 One worker thread serves all queues (Linux 6.1 only ever uses the first request queue anyway). The
-FileSystem is built once per device, so a bad share fails when the VM is assembled; a device reset
-ends the FUSE session (FileSystem.destroy closes every fd) and the next INIT starts a new one.
+FileSystem and its FUSE server are built once per device, so a bad share fails when the VM is
+assembled; a device reset ends the FUSE session through the server (``Server.end_session``: the
+session module is the one place a session starts and ends) and the next INIT starts a new one.
 
 A reset runs on a vCPU thread (the driver writes Status=0), so it waits at most ``stop_timeout``
 for the worker. A worker stuck in a request is left behind and logged; until it has finished, the
@@ -48,7 +49,7 @@ def passthrough_factory(options: FsOptions):
 
 
 def make_server(fs, metrics: Metrics, trace: Trace | None, max_write: int = DEFAULT_MAX_WRITE):
-    """A fresh FUSE server (new session state) over `fs`, sharing the device's metrics and trace."""
+    """The device's FUSE server over `fs`, feeding the device's metrics and trace."""
     from fuse.server import Server
 
     return Server(fs, max_write=max_write, metrics=metrics, trace=trace)
@@ -93,13 +94,13 @@ class FsDevice(VirtioDevice):
             logger.info("virtio-fs %s: tracing requests to %s", options.tag, path)
         try:
             self.fs = (fs_factory or passthrough_factory)(options)
+            self.server = make_server(self.fs, self.fuse_metrics, self.trace, max_write)
         except BaseException:
             if self.trace is not None:
                 self.trace.close()
             raise
         self._worker: FsWorker | None = None
         self._stuck: FsWorker | None = None  # a worker that did not stop in time
-        self.server = None
 
     @property
     def worker_thread(self):
@@ -119,7 +120,6 @@ class FsDevice(VirtioDevice):
                                    f"{self._stuck.stuck_in()}; the device cannot restart "
                                    "until that host call returns")
             self._stuck = None
-        self.server = make_server(self.fs, self.fuse_metrics, self.trace, self.max_write)
         worker = FsWorker(f"virtio-fs:{self.options.tag}", self.server, interrupt, queues,
                           queue_events, self.counters)
         worker.start()
@@ -134,11 +134,7 @@ class FsDevice(VirtioDevice):
             logger.error("virtio-fs %s: the worker did not stop within %.1f s: it is stuck in %s;"
                          " left behind (the device needs a reset once that call returns)",
                          self.options.tag, self.stop_timeout, worker.stuck_in())
-        self.server = None
-        try:
-            self.fs.destroy()  # the FUSE session ends with the driver; release every host fd
-        except Exception:
-            logger.exception("virtio-fs %s: destroy failed", self.options.tag)
+        self.server.end_session()  # the FUSE session ends with the driver; every host fd goes
 
     def close(self) -> None:
         self.reset()

@@ -19,16 +19,33 @@ FS_MAX_TAG_LEN = 36
 CACHE_POLICIES = ("never", "auto", "always")
 
 
-def _check_timeout(field: str, value: object) -> float:
+#: Timeouts at or above this are refused rather than silently capped (FUSE carries validity as
+#: u64 seconds; nobody means 300 billion years).
+MAX_SECONDS = 2.0 ** 63
+
+
+def check_seconds(value: object) -> float:
+    """The one rule for a timeout given in seconds, as a float: a finite number >= 0.
+
+    Used for every FUSE validity option here and for the VM's own timeouts in ``vmm.config``.
+    The ValueError's message does not name the option; callers prefix it.
+    """
     # bool is an int subclass; "timeout=True" is almost certainly a config mistake.
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{field} must be a number of seconds, got {value!r}")
+        raise ValueError(f"must be a number of seconds, got {value!r}")
     value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{field} must be finite, got {value!r}")
-    if value < 0:
-        raise ValueError(f"{field} must be >= 0, got {value!r}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"must be a finite number of seconds >= 0, got {value}")
+    if value >= MAX_SECONDS:
+        raise ValueError(f"is too large ({value})")
     return value
+
+
+def _seconds_field(field: str, value: object) -> float:
+    try:
+        return check_seconds(value)
+    except ValueError as exc:
+        raise ValueError(f"{field} {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -87,9 +104,9 @@ class FsOptions:
                 f"cache must be one of {'|'.join(CACHE_POLICIES)}, got {self.cache!r}")
 
         # timeouts
-        object.__setattr__(self, "timeout", _check_timeout("timeout", self.timeout))
+        object.__setattr__(self, "timeout", _seconds_field("timeout", self.timeout))
         object.__setattr__(self, "negative_timeout",
-                           _check_timeout("negative_timeout", self.negative_timeout))
+                           _seconds_field("negative_timeout", self.negative_timeout))
 
         # flags
         for field in ("writeback", "trace"):

@@ -7,8 +7,9 @@ Confinement model (what keeps every request inside the shared directory):
   built out of guest input.
 * A component is resolved relative to its parent's fd with openat2(RESOLVE_BENEATH |
   RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS, O_PATH | O_NOFOLLOW). Names that are empty,
-  contain '/' or NUL, or are '.'/'..' are refused before any syscall, so even the openat
-  fallback cannot climb out. The server never follows a symlink: looking one up yields the
+  contain '/' or NUL, or are '.'/'..' are refused before any syscall (with the server's own
+  checks from fuse.limits, so both give the same errno), so even the openat fallback cannot
+  climb out. The server never follows a symlink: looking one up yields the
   symlink itself, OPEN of a symlink is ELOOP, READLINK only returns its text.
 * Files are (re)opened through ``/proc/self/fd/N`` of the inode's O_PATH fd, which reopens
   exactly that inode and never re-resolves a name, so a symlink swapped into the tree between
@@ -36,8 +37,15 @@ import stat
 from typing import Any, Callable, Iterator, TypeVar
 
 from fuse import abi
-from fuse.filesystem import Context, DirEntry, Entry, FileSystem, SetattrRequest
+from fuse.filesystem import Context, DirEntry, Entry, FileSystem, InitReply, SetattrRequest
 from fuse.io import Reader, Writer
+from fuse.limits import (
+    OFFSET_MAX,
+    check_name,
+    check_symlink_target,
+    check_xattr_name,
+    check_xattr_size,
+)
 
 from . import syscalls
 from .handles import HandleTable
@@ -45,12 +53,6 @@ from .inodes import ROOT_ID, Inode, InodeTable, proc_fd_path
 from .options import FsOptions
 
 logger = logging.getLogger(__name__)
-
-NAME_MAX = 255
-PATH_MAX = 4096
-XATTR_NAME_MAX = 255
-XATTR_SIZE_MAX = 65536
-_MAX_OFF = (1 << 63) - 1
 
 _XATTR_CREATE = getattr(os, "XATTR_CREATE", 1)
 _XATTR_REPLACE = getattr(os, "XATTR_REPLACE", 2)
@@ -105,35 +107,10 @@ def _err(code: int, msg: str = "") -> OSError:
     return OSError(code, msg or os.strerror(code))
 
 
-def _check_name(name: Any) -> bytes:
-    """One path component from the guest: refuse anything that could name another directory."""
-    if not isinstance(name, (bytes, bytearray, memoryview)):
-        raise _err(errno.EINVAL, "name must be bytes")
-    name = bytes(name)
-    if not name or b"/" in name or b"\0" in name:
-        raise _err(errno.EINVAL, f"invalid name {name!r}")
-    if name in (b".", b".."):
-        raise _err(errno.EPERM, f"name {name!r} refused")
-    if len(name) > NAME_MAX:
-        raise _err(errno.ENAMETOOLONG)
-    return name
-
-
-def _check_int(value: Any, what: str, lo: int = 0, hi: int = _MAX_OFF) -> int:
+def _check_int(value: Any, what: str, lo: int = 0, hi: int = OFFSET_MAX) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
         raise _err(errno.EINVAL, f"{what} out of range: {value!r}")
     return value
-
-
-def _check_xattr_name(name: Any) -> bytes:
-    if not isinstance(name, (bytes, bytearray, memoryview)):
-        raise _err(errno.EINVAL, "xattr name must be bytes")
-    name = bytes(name)
-    if not name or b"\0" in name:
-        raise _err(errno.EINVAL, "invalid xattr name")
-    if len(name) > XATTR_NAME_MAX:
-        raise _err(errno.ERANGE, "xattr name too long")
-    return name
 
 
 def _dt_from_mode(mode: int) -> int:
@@ -241,11 +218,11 @@ class PassthroughFs(FileSystem):
     # ------------------------------------------------------------------ session
 
     @_guard
-    def init(self, capable: int) -> int:
-        """Start a fresh session (crosvm also clears its tables on INIT) and say what we want."""
-        capable = _check_int(capable, "capable", 0, (1 << 64) - 1)
-        self._clear_tables()
-        self._open_root()
+    def init(self, capable: int) -> InitReply:
+        """Say what we support. The session (fuse.session) masks it with what the guest offers
+        and has already ended any previous session with destroy(), which closed the root."""
+        if not len(self._inodes):
+            self._open_root()
         want = (abi.FUSE_DO_READDIRPLUS | abi.FUSE_READDIRPLUS_AUTO | abi.FUSE_PARALLEL_DIROPS
                 | abi.FUSE_ATOMIC_O_TRUNC | abi.FUSE_BIG_WRITES | abi.FUSE_ASYNC_READ)
         if self.options.cache != "never":
@@ -254,10 +231,11 @@ class PassthroughFs(FileSystem):
             want |= abi.FUSE_AUTO_INVAL_DATA
         if self.options.writeback:
             want |= abi.FUSE_WRITEBACK_CACHE
-        return want & capable
+        return InitReply(flags=want)
 
     @_guard
     def destroy(self) -> None:
+        """End the session: every fd goes, the root's too (init() reopens it)."""
         self._clear_tables()
 
     def _clear_tables(self) -> None:
@@ -282,7 +260,7 @@ class PassthroughFs(FileSystem):
 
     @_guard
     def lookup(self, ctx: Context, parent: int, name: bytes) -> Entry:
-        name = _check_name(name)
+        name = check_name(name)
         with self._inodes.pin(parent) as p:
             try:
                 return self._do_lookup(p, name)
@@ -354,7 +332,7 @@ class PassthroughFs(FileSystem):
             return (0, syscalls.UTIME_OMIT)
         if now:
             return (0, syscalls.UTIME_NOW)
-        ns = _check_int(ns, "time", -(1 << 63), _MAX_OFF)
+        ns = _check_int(ns, "time", -OFFSET_MAX - 1)
         return divmod(ns, 1_000_000_000)
 
     def _truncate(self, inode: Inode, req: SetattrRequest, size: int) -> None:
@@ -396,16 +374,8 @@ class PassthroughFs(FileSystem):
 
     @_guard
     def symlink(self, ctx: Context, parent: int, name: bytes, target: bytes) -> Entry:
-        name = _check_name(name)
-        if not isinstance(target, (bytes, bytearray, memoryview)):
-            raise _err(errno.EINVAL, "target must be bytes")
-        target = bytes(target)
-        if not target:
-            raise _err(errno.ENOENT, "empty symlink target")
-        if b"\0" in target:
-            raise _err(errno.EINVAL, "NUL in symlink target")
-        if len(target) >= PATH_MAX:
-            raise _err(errno.ENAMETOOLONG)
+        name = check_name(name)
+        target = check_symlink_target(target)
         with self._inodes.pin_dir(parent) as p:
             # The target is only text stored in the link; the server never follows it.
             os.symlink(target, name, dir_fd=p.fd)
@@ -414,7 +384,7 @@ class PassthroughFs(FileSystem):
     @_guard
     def mknod(self, ctx: Context, parent: int, name: bytes, mode: int, rdev: int,
               umask: int) -> Entry:
-        name = _check_name(name)
+        name = check_name(name)
         mode = _check_int(mode, "mode", 0, 0xFFFFFFFF)
         umask = _check_int(umask, "umask", 0, 0xFFFFFFFF)
         ftype = stat.S_IFMT(mode) or stat.S_IFREG
@@ -428,7 +398,7 @@ class PassthroughFs(FileSystem):
 
     @_guard
     def mkdir(self, ctx: Context, parent: int, name: bytes, mode: int, umask: int) -> Entry:
-        name = _check_name(name)
+        name = check_name(name)
         mode = _check_int(mode, "mode", 0, 0xFFFFFFFF)
         umask = _check_int(umask, "umask", 0, 0xFFFFFFFF)
         with self._inodes.pin_dir(parent) as p:
@@ -437,21 +407,21 @@ class PassthroughFs(FileSystem):
 
     @_guard
     def unlink(self, ctx: Context, parent: int, name: bytes) -> None:
-        name = _check_name(name)
+        name = check_name(name)
         with self._inodes.pin_dir(parent) as p:
             os.unlink(name, dir_fd=p.fd)
 
     @_guard
     def rmdir(self, ctx: Context, parent: int, name: bytes) -> None:
-        name = _check_name(name)
+        name = check_name(name)
         with self._inodes.pin_dir(parent) as p:
             os.rmdir(name, dir_fd=p.fd)
 
     @_guard
     def rename(self, ctx: Context, parent: int, name: bytes, newparent: int, newname: bytes,
                flags: int) -> None:
-        name = _check_name(name)
-        newname = _check_name(newname)
+        name = check_name(name)
+        newname = check_name(newname)
         flags = _check_int(flags, "flags", 0, 0xFFFFFFFF)
         if flags & ~(syscalls.RENAME_NOREPLACE | syscalls.RENAME_EXCHANGE
                      | syscalls.RENAME_WHITEOUT):
@@ -463,7 +433,7 @@ class PassthroughFs(FileSystem):
 
     @_guard
     def link(self, ctx: Context, nodeid: int, newparent: int, newname: bytes) -> Entry:
-        newname = _check_name(newname)
+        newname = check_name(newname)
         with self._inodes.pin(nodeid) as inode, self._inodes.pin(newparent) as np:
             if inode.is_dir:
                 raise _err(errno.EPERM, "hard link to a directory")
@@ -501,7 +471,7 @@ class PassthroughFs(FileSystem):
     @_guard
     def create(self, ctx: Context, parent: int, name: bytes, mode: int, flags: int,
                umask: int) -> tuple[Entry, int, int]:
-        name = _check_name(name)
+        name = check_name(name)
         mode = _check_int(mode, "mode", 0, 0xFFFFFFFF)
         umask = _check_int(umask, "umask", 0, 0xFFFFFFFF)
         oflags = self._open_flags(flags)
@@ -606,7 +576,7 @@ class PassthroughFs(FileSystem):
     def lseek(self, ctx: Context, nodeid: int, fh: int, offset: int, whence: int) -> int:
         if whence not in (os.SEEK_SET, os.SEEK_END, os.SEEK_DATA, os.SEEK_HOLE):
             raise _err(errno.EINVAL, f"unsupported whence {whence!r}")
-        offset = _check_int(offset, "offset", -(1 << 63))
+        offset = _check_int(offset, "offset", -OFFSET_MAX - 1)
         with self._handles.pin(fh, nodeid) as h:
             # The handle's file position is otherwise unused (all I/O is positional).
             return syscalls.lseek(h.fd, offset, whence)
@@ -680,7 +650,7 @@ class PassthroughFs(FileSystem):
                 continue
             try:
                 with self._inodes.pin(nodeid) as p:
-                    entry = self._do_lookup(p, _check_name(name))
+                    entry = self._do_lookup(p, check_name(name))
             except OSError as e:
                 if e.errno == errno.ENOENT:
                     continue            # removed since the snapshot
@@ -745,10 +715,9 @@ class PassthroughFs(FileSystem):
 
     @_guard
     def setxattr(self, ctx: Context, nodeid: int, name: bytes, value: bytes, flags: int) -> None:
-        name = _check_xattr_name(name)
+        name = check_xattr_name(name)
         value = bytes(value)
-        if len(value) > XATTR_SIZE_MAX:
-            raise _err(errno.E2BIG)
+        check_xattr_size(len(value))
         if flags not in (0, _XATTR_CREATE, _XATTR_REPLACE):
             raise _err(errno.EINVAL, "bad setxattr flags")
         with self._inodes.pin(nodeid) as inode:
@@ -756,7 +725,7 @@ class PassthroughFs(FileSystem):
 
     @_guard
     def getxattr(self, ctx: Context, nodeid: int, name: bytes, size: int) -> bytes | int:
-        name = _check_xattr_name(name)
+        name = check_xattr_name(name)
         size = _check_int(size, "size", 0, 0xFFFFFFFF)
         with self._inodes.pin(nodeid) as inode:
             value = os.getxattr(self._xattr_path(inode, False), name)
@@ -780,7 +749,7 @@ class PassthroughFs(FileSystem):
 
     @_guard
     def removexattr(self, ctx: Context, nodeid: int, name: bytes) -> None:
-        name = _check_xattr_name(name)
+        name = check_xattr_name(name)
         with self._inodes.pin(nodeid) as inode:
             os.removexattr(self._xattr_path(inode, True), name)
 
