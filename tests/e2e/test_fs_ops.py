@@ -12,8 +12,8 @@ import os
 import stat
 import threading
 import zlib
-from pathlib import Path
 
+from fuse import abi
 from guest.script import pattern
 from tests.e2e.helpers import assert_ok, fs_metrics, open_fds, share, steps_by_op
 
@@ -185,3 +185,81 @@ def test_shutdown_releases_threads_and_fds_with_a_share(boot, tmp_path):
     assert_ok(r)
     assert set(threading.enumerate()) == before_threads
     assert open_fds() == before_fds
+
+
+# Names the guest kernel would never send, injected into the real request chains of a booted
+# device: each marker name the agent uses is rewritten in guest memory, as the worker pops it, into
+# a hostile one (the header's len is fixed up), so the real chain reader, server and passthrough see
+# exactly what a malicious guest kernel could put on the wire.
+_HOSTILE = {
+    b"EVIL_LOOKUP_DOTDOT_0": (abi.Opcode.LOOKUP, b".."),
+    b"EVIL_LOOKUP_SLASH_01": (abi.Opcode.LOOKUP, b"../outside"),
+    b"EVIL_CREATE_DOTDOT_2": (abi.Opcode.CREATE, b"../escaped"),
+    b"EVIL_MKDIR_DOT_00003": (abi.Opcode.MKDIR, b"."),
+    b"EVIL_SYMLINK_NUL_004": (abi.Opcode.SYMLINK, b"a\0b"),
+    b"EVIL_RENAME_PARENT_5": (abi.Opcode.RENAME, b"../outside/moved"),  # flags 0: RENAME
+    b"EVIL_UNLINK_SECRET_6": (abi.Opcode.UNLINK, b"../outside/secret"),
+}
+
+
+def _inject_hostile_names(chain) -> str | None:
+    """Rewrite a marker name in this chain's readable buffers; returns the marker rewritten."""
+    if not chain.readable or len(chain.readable[0]) < abi.IN_HEADER.size:
+        return None
+    hdr = abi.IN_HEADER.unpack(chain.readable[0])
+    data = b"".join(bytes(v) for v in chain.readable)[:hdr.len]
+    for marker, (opcode, hostile) in _HOSTILE.items():
+        if hdr.opcode == opcode and marker + b"\0" in data:
+            new = data.replace(marker + b"\0", hostile + b"\0")
+            new = abi.IN_HEADER.pack(hdr._replace(len=len(new))) + new[abi.IN_HEADER.size:]
+            pos = 0
+            for view in chain.readable:
+                chunk = new[pos:pos + len(view)]
+                view[:len(chunk)] = chunk
+                pos += len(chunk)
+            return marker.decode()
+    return None
+
+
+def test_hostile_names_on_the_wire_of_a_booted_device(boot, tmp_path, monkeypatch):
+    """The escape test above mostly exercises the guest's own path walk. Here the requests of a
+    booted guest carry names only a hostile guest kernel would send ('..', '.', '/', NUL), through
+    the real virtqueue, chain reader, FUSE server and passthrough: each is refused with EINVAL and
+    nothing outside the share changes."""
+    from devices.virtio.fs.worker import FsWorker
+
+    injected: list[str] = []
+    real_handle = FsWorker._handle
+
+    def handle(self, i, chain):
+        marker = _inject_hostile_names(chain)
+        if marker:
+            injected.append(marker)
+        return real_handle(self, i, chain)
+
+    monkeypatch.setattr(FsWorker, "_handle", handle)
+    root, outside = tmp_path / "share", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (outside / "secret").write_bytes(b"host secret\n")
+    (root / "EVIL_UNLINK_SECRET_6").write_bytes(b"bait")
+    (root / "src").write_bytes(b"to be renamed")
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in outside.iterdir()}
+    m = "/mnt/share"
+    r = boot("\n".join([
+        f"stat {m}/EVIL_LOOKUP_DOTDOT_0 expect=EINVAL",
+        f"stat {m}/EVIL_LOOKUP_SLASH_01 expect=EINVAL",
+        f"create {m}/EVIL_CREATE_DOTDOT_2 expect=EINVAL",
+        f"mkdir {m}/EVIL_MKDIR_DOT_00003 expect=EINVAL",
+        f"symlink target {m}/EVIL_SYMLINK_NUL_004 expect=EINVAL",
+        f"rename {m}/src {m}/EVIL_RENAME_PARENT_5 expect=EINVAL",
+        f"unlink {m}/EVIL_UNLINK_SECRET_6 expect=EINVAL",
+        f"stat {m}/src", "exit 0"]) + "\n", shares=(share(root),))
+    assert_ok(r)
+    assert sorted(injected) == sorted(k.decode() for k in _HOSTILE)   # every one hit the wire
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in outside.iterdir()} == before
+    assert sorted(os.listdir(tmp_path)) == ["outside", "share"]
+    assert sorted(os.listdir(root)) == ["EVIL_UNLINK_SECRET_6", "src"]
+    fs = fs_metrics(r)
+    assert fs["errors"].get("EINVAL", 0) >= len(_HOSTILE)
+    assert fs["virtio"]["handler_errors"] == 0 and fs["virtio"]["invalid_chains"] == 0
