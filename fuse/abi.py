@@ -187,6 +187,23 @@ FUSE_SECURITY_CTX = 1 << 32
 FUSE_HAS_INODE_DAX = 1 << 33
 FUSE_HAS_EXPIRE_ONLY = 1 << 35
 
+#: Every INIT flag by name (without FUSE_), for reports of what a session negotiated.
+INIT_FLAGS = {name: globals()["FUSE_" + name] for name in (
+    "ASYNC_READ", "POSIX_LOCKS", "FILE_OPS", "ATOMIC_O_TRUNC", "EXPORT_SUPPORT", "BIG_WRITES",
+    "DONT_MASK", "SPLICE_WRITE", "SPLICE_MOVE", "SPLICE_READ", "FLOCK_LOCKS", "HAS_IOCTL_DIR",
+    "AUTO_INVAL_DATA", "DO_READDIRPLUS", "READDIRPLUS_AUTO", "ASYNC_DIO", "WRITEBACK_CACHE",
+    "NO_OPEN_SUPPORT", "PARALLEL_DIROPS", "HANDLE_KILLPRIV", "POSIX_ACL", "ABORT_ERROR",
+    "MAX_PAGES", "CACHE_SYMLINKS", "NO_OPENDIR_SUPPORT", "EXPLICIT_INVAL_DATA", "MAP_ALIGNMENT",
+    "SUBMOUNTS", "HANDLE_KILLPRIV_V2", "SETXATTR_EXT", "INIT_EXT", "INIT_RESERVED", "SECURITY_CTX",
+    "HAS_INODE_DAX", "HAS_EXPIRE_ONLY",
+)}
+
+
+def init_flag_names(flags: int) -> list[str]:
+    """The names of the INIT flags set in ``flags``, lowest bit first."""
+    return [name for name, bit in sorted(INIT_FLAGS.items(), key=lambda kv: kv[1])
+            if flags & bit]
+
 # fuse_release_in.release_flags
 FUSE_RELEASE_FLUSH = 1 << 0
 FUSE_RELEASE_FLOCK_UNLOCK = 1 << 1

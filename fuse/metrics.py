@@ -11,6 +11,8 @@ import threading
 from collections import Counter
 from typing import Any
 
+from .abi import init_flag_names
+
 #: Default bound on distinct names kept in ``lookups_by_name`` (a guest can probe unboundedly
 #: many names; beyond the cap new names are only counted in ``lookups_by_name_dropped``).
 DEFAULT_MAX_NAMES = 10000
@@ -44,7 +46,9 @@ class Metrics:
       subset of ``lookup_error``);
     * ``lookups_by_name`` (capped at ``max_names`` names) and ``lookups_by_name_dropped``;
     * ``bytes_read`` (file data sent to the guest by READ) and ``bytes_written`` (file data
-      taken from the guest by WRITE).
+      taken from the guest by WRITE);
+    * ``session``: what the latest INIT negotiated (``minor``, ``flags`` by name, ``max_write``),
+      None before any; a reset keeps it.
     """
 
     # Updates run once or twice per request on the worker thread: they count raw values (errno
@@ -53,6 +57,7 @@ class Metrics:
     def __init__(self, max_names: int = DEFAULT_MAX_NAMES) -> None:
         self._lock = threading.Lock()
         self.max_names = max_names
+        self._session: dict[str, Any] | None = None  # state, not a counter: reset() keeps it
         self._reset_locked()
 
     def _reset_locked(self) -> None:
@@ -128,9 +133,16 @@ class Metrics:
         with self._lock:
             self._bytes_written += n
 
+    def record_session(self, minor: int, flags: int, max_write: int) -> None:
+        """What the latest INIT negotiated (7.<minor>, the enabled INIT flags, max_write)."""
+        with self._lock:
+            self._session = {"minor": minor, "flags": init_flag_names(flags),
+                             "max_write": max_write}
+
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
             return {
+                "session": dict(self._session) if self._session else None,
                 "requests": self._requests,
                 "dropped": self._dropped,
                 "ops": dict(self._ops),

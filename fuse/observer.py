@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from .abi import Opcode
+from .abi import INIT_OUT, Opcode
 from .filesystem import Entry
 from .metrics import Metrics
 from .trace import Trace
 
 _OP_NAMES = {int(op): op.name for op in Opcode}
 _LOOKUP, _READ, _WRITE = int(Opcode.LOOKUP), int(Opcode.READ), int(Opcode.WRITE)
+_INIT = int(Opcode.INIT)
 
 
 class RequestObserver(Protocol):
@@ -69,6 +70,10 @@ class Recorder:
                         metrics.add_bytes_read(result)
                     elif opcode == _WRITE:
                         metrics.add_bytes_written(result)
+                    elif opcode == _INIT and len(result) >= INIT_OUT.size:
+                        out = INIT_OUT.unpack(result)  # once per session: what was negotiated
+                        metrics.record_session(out.minor, out.flags | out.flags2 << 32,
+                                               out.max_write)
         if self.trace is not None:
             self._trace(queue, opcode, op, unique, nodeid, name, error, elapsed_ns)
 

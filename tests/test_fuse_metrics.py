@@ -172,3 +172,16 @@ def test_a_failing_observer_does_not_fail_the_request(tmp_path: Path, caplog) ->
     assert send(s, b"short") is None
     assert "observer bug" in caplog.text
     fs.close()
+
+
+def test_metrics_report_what_the_session_negotiated(tmp_path: Path) -> None:
+    m = Metrics()
+    assert m.snapshot()["session"] is None
+    s = Server(MemFS(tmp_path), metrics=m)
+    out = do_init(s)
+    session = m.snapshot()["session"]
+    assert session["minor"] == out.minor and session["max_write"] == out.max_write
+    assert session["flags"] == abi.init_flag_names(out.flags | out.flags2 << 32)
+    assert "MAX_PAGES" in session["flags"] and "WRITEBACK_CACHE" not in session["flags"]
+    m.reset()                                   # counters go, the session's facts stay
+    assert m.snapshot()["session"] == session and m.snapshot()["requests"] == 0
