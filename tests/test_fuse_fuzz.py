@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import tempfile
 from pathlib import Path
@@ -10,6 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from devices.virtio.fs.options import FsOptions
+from devices.virtio.fs.passthrough import PassthroughFs
 from fuse import abi
 from fuse.abi import Opcode
 from fuse.io import BytesReader, BytesWriter
@@ -20,16 +23,30 @@ from test_fuse_memfs import MemFS, do_init, request
 OPCODES = [int(op) for op in Opcode] + [0, 7, 19, 52, 4096, 2**32 - 1]
 
 
-@pytest.fixture(scope="module")
-def fuzz_server():
+@pytest.fixture(scope="module", params=["memfs", "passthrough"])
+def fuzz_server(request):
+    """The in-memory test filesystem, and the real passthrough on a temporary share."""
     with tempfile.TemporaryDirectory() as d:
-        fs = MemFS(Path(d))
-        for i in range(5):
-            fs.add_file(1, b"f%d" % i, b"x" * (i * 1000))
+        if request.param == "memfs":
+            fs = MemFS(Path(d))
+            for i in range(5):
+                fs.add_file(1, b"f%d" % i, b"x" * (i * 1000))
+        else:
+            share = Path(d) / "share"
+            share.mkdir()
+            for i in range(5):
+                (share / f"f{i}").write_bytes(b"x" * (i * 1000))
+            (share / "sub").mkdir()
+            os.symlink("../outside", share / "link")
+            fs = PassthroughFs(FsOptions(source=str(share), tag="fuzz"))
         s = Server(fs, max_write=64 * 1024, metrics=Metrics())
         do_init(s)
         yield s, fs
-        fs.close()
+        if request.param == "memfs":
+            fs.close()
+        else:
+            s.end_session()
+            assert sorted(os.listdir(d)) == ["share"]  # nothing was created beside the share
 
 
 def check(server: Server, data: bytes, capacity: int) -> None:
@@ -50,6 +67,9 @@ def check(server: Server, data: bytes, capacity: int) -> None:
 
 
 def _keep_serving(server: Server) -> None:
+    fs = server.fs
+    if isinstance(fs, PassthroughFs):  # no request may leave a table lock held
+        assert not fs._inodes._pins.lock.held() and not fs._handles._pins.lock.held()
     if not server.initialized:  # a fuzzed DESTROY or failed re-INIT ended the session
         do_init(server)
     w = BytesWriter(4096)
