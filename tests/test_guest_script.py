@@ -155,3 +155,15 @@ def test_render_forms():
     assert text == "mkdir /x\nstat /y expect=ENOENT\nexit 0\n"
     with pytest.raises(ScriptError):
         render(["probe /d 1"])
+
+
+def test_sum64_is_block_weighted_and_offset_aware():
+    from guest.script import sum64
+    block = (1).to_bytes(8, "little") * 512                 # one 4 KiB block of words = 1
+    assert sum64(block) == 512
+    assert sum64(block * 2) == 512 * 1 + 512 * 2            # the second block weighs 2
+    assert sum64(bytes(4096) + block) != sum64(block + bytes(4096))   # offsets matter
+    assert sum64(b"\x01\x02\x03") == 0x030201               # a short tail is zero-padded
+    data = bytes(range(256)) * 40
+    # chunks read at block-aligned offsets compose, as the agent's 128 KiB reads do
+    assert sum64(data) == (sum64(data[:4096]) + sum64(data[4096:], offset=4096)) % 2**64

@@ -27,6 +27,7 @@
 #define PYV_CHUNK	(128 * 1024)	/* I/O chunk for write/append/read */
 #define PYV_BLOCK	4096		/* pattern block, see guest/script.py */
 #define PYV_MAX_REPEAT	1000000		/* stat xN / probe N*ROUNDS */
+#define PYV_MAX_COPIES	8		/* parallel K: at most one copy per possible vCPU */
 
 struct pyv_step;
 struct pyv_out;
@@ -53,6 +54,7 @@ struct pyv_step {
 	char *argv[PYV_MAX_ARGS];	/* NUL-terminated tokens inside the script buffer */
 	u64 num[4];
 	unsigned int flags;
+	struct pyv_step *inner;		/* parallel: the step each copy runs */
 };
 
 struct pyv_out {
@@ -77,6 +79,7 @@ extern const struct pyv_errno pyv_errnos[];
 int pyv_parse_script(char *text, size_t len, struct pyv_step *steps, int max_steps);
 const char *pyv_parse_u64(const char *tok, u64 *val, u64 max);
 int pyv_errno_lookup(const char *name);
+const struct pyv_op *pyv_find_op(const char *name);
 
 /* agent.c */
 void pyv_extra(struct pyv_out *out, const char *fmt, ...) __printf(2, 3);

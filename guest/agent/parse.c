@@ -61,7 +61,7 @@ const char *__init pyv_parse_u64(const char *tok, u64 *val, u64 max)
 	return NULL;
 }
 
-static const struct pyv_op *__init pyv_find_op(const char *name)
+const struct pyv_op *__init pyv_find_op(const char *name)
 {
 	const struct pyv_op *op;
 

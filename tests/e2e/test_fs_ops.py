@@ -14,7 +14,7 @@ import threading
 import zlib
 
 from fuse import abi
-from guest.script import pattern
+from guest.script import pattern, sum64
 from tests.e2e.helpers import assert_ok, fs_metrics, open_fds, share, steps_by_op
 
 MANY = 5000
@@ -126,17 +126,22 @@ def test_file_operations_round_trip(boot, tmp_path):
 
 
 def test_large_file_64mib(boot, tmp_path):
-    """64 MiB written by the guest and read back: the host agrees, bit for bit."""
+    """64 MiB written by the guest and read back: the host agrees, bit for bit.
+
+    The write is checked on the host byte for byte. The read is checked with the agent's sum64
+    (block-weighted, so data served at a wrong offset shows) instead of CRC-32: under kvm_pvm the
+    guest's CRC loop cost more than everything else in this test (about 3x sum64), and which
+    checksum the guest computes does not change what the device serves."""
     root = tmp_path / "share"
     root.mkdir()
     size = 64 << 20
-    r = boot(f"write /mnt/share/big {size} 11\nread /mnt/share/big\nexit 0\n",
+    r = boot(f"write /mnt/share/big {size} 11\nread /mnt/share/big sum64\nexit 0\n",
              shares=(share(root),), timeout=1800)
     assert_ok(r)
     expected = pattern(size, 11)
     assert (root / "big").read_bytes() == expected
     read = steps_by_op(r, "read")[0]
-    assert int(read.extra["size"]) == size and read.extra["crc32"] == crc(expected)
+    assert int(read.extra["size"]) == size and int(read.extra["sum64"], 16) == sum64(expected)
     fs = fs_metrics(r)
     assert fs["bytes_written"] == size and fs["bytes_read"] >= size
 
