@@ -117,8 +117,15 @@ def decode_descriptor(entry: int, selector: int) -> Segment:
 
 
 def write_boot_tables(memory) -> None:
-    """Write page tables, GDT and IDT to guest memory at their layout addresses."""
-    for addr, data in page_tables().items():
+    """Write page tables, GDT and IDT to guest memory at their layout addresses (each must fit the
+    room the layout reserves for it, or it would overwrite its neighbour)."""
+    tables = page_tables()
+    if max(addr + len(data) for addr, data in tables.items()) > layout.PAGE_TABLES_END:
+        raise ValueError("boot page tables overrun layout.PAGE_TABLES_END")
+    gdt = gdt_bytes()
+    if len(gdt) > layout.GDT_ENTRIES * 8:
+        raise ValueError(f"boot GDT of {len(gdt) // 8} entries > layout.GDT_ENTRIES")
+    for addr, data in tables.items():
         memory.write(addr, data)
-    memory.write(layout.GDT_ADDR, gdt_bytes())
+    memory.write(layout.GDT_ADDR, gdt)
     memory.write(layout.IDT_ADDR, IDT_BYTES)
