@@ -64,8 +64,7 @@ class _Guest:
     def __init__(self, kvm, code: bytes) -> None:
         from vmm.memory import GuestMemory
         self.vm = kvm.create_vm()
-        self.memory = GuestMemory.from_ranges([(0, MEMORY_SIZE)]) if hasattr(
-            GuestMemory, "from_ranges") else GuestMemory(MEMORY_SIZE)
+        self.memory = GuestMemory.from_ranges([(0, MEMORY_SIZE)])
         self.memory.register(self.vm)
         self.memory.write(CODE_ADDR, code)
         self.vcpu = self.vm.create_vcpu(0)

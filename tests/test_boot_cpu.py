@@ -87,7 +87,7 @@ CODE_ADDR = 0x100000
 
 @KVM
 def test_long_mode_guest_with_boot_state():
-    mem = GuestMemory(4 * MiB)
+    mem = GuestMemory.for_ram(4 * MiB)
     efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
     with Kvm() as kvm:
         vm = kvm.create_vm()

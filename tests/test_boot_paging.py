@@ -15,7 +15,7 @@ MiB = 1 << 20
 
 @pytest.fixture(scope="module")
 def mem():
-    m = GuestMemory(32 * MiB)
+    m = GuestMemory.for_ram(32 * MiB)
     paging.write_boot_tables(m)
     yield m
     m.close()

@@ -43,7 +43,7 @@ class Recorder:
 
 
 def test_port_io_and_mmio_reach_the_buses():
-    memory = GuestMemory(0x10000)
+    memory = GuestMemory.from_ranges([(0, 0x10000)])
     memory.write(CODE_ADDR, CODE)
     memory.write(0x3100, b"xyz")
     stops: list[Stop] = []

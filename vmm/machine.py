@@ -191,7 +191,7 @@ class Machine:
         vm.create_irqchip()
         vm.create_pit2(kb.KVM_PIT_SPEAKER_DUMMY)
 
-        memory = GuestMemory(cfg.vm.memory_mib << 20)
+        memory = GuestMemory.for_ram(cfg.vm.memory_mib << 20)
         stack.callback(memory.close)
         memory.register(vm)
 

@@ -1,12 +1,25 @@
-"""Guest RAM: anonymous host mappings registered as KVM memory slots.
+"""Guest RAM: host mappings placed in guest-physical space, registered as KVM memory slots.
 
-Layout: RAM fills guest-physical memory from 0 up to the 32-bit MMIO hole (3 GiB); whatever is left
-goes above 4 GiB.  Each piece is one anonymous ``mmap`` (``MAP_NORESERVE``: the host commits a page
-only when the guest or the VMM touches it, so a large guest costs nothing up front) and one KVM slot.
+Three separate steps, so each can change without the others:
+
+1. a *backing* makes the host mapping of one region: ``map_anonymous`` (private anonymous memory with
+   ``MAP_NORESERVE``: the host commits a page only when the guest or the VMM touches it, so a large
+   guest costs nothing up front);
+2. ``MemoryRegion(gpa, mapping)`` places a mapping at a guest-physical address;
+3. ``GuestMemory(regions)`` checks the regions do not overlap and serves bounds-checked access
+   (``devices.memory.GuestMemoryAccess``). ``register(vm)`` makes each region a KVM slot; it is the
+   only KVM step, so unit tests use the real class through ``GuestMemory.from_ranges`` and mmap alone.
+
+``GuestMemory.for_ram(size)`` lays RAM out from 0 up to the 32-bit MMIO hole (3 GiB) and puts whatever
+is left above 4 GiB. Other backings plug in at step 1 without touching steps 2-3: guest RAM in a memfd
+mapped ``MAP_SHARED`` (so a vhost-user backend process can map the same pages) is
+``from_ranges(ranges, backing=<memfd backing>)``, and a vhost-user backend builds its regions from the
+(fd, offset) pairs its frontend sends -- ``MemoryRegion(gpa, mmap(fd, size, MAP_SHARED, offset))`` --
+keeping the frontend's user address beside each region for translating driver addresses.
 
 Everything that takes a guest address is hostile-input code: devices pass addresses straight from
-virtqueue descriptors.  Every access is checked to lie inside ONE region, and errors are
-``GuestMemoryError`` (a ``ValueError``, which device code catches).  Reads and writes go through
+virtqueue descriptors. Every access is checked to lie inside ONE region, and errors are
+``GuestMemoryError`` (a ``ValueError``, which device code catches). Reads and writes go through
 memoryviews / ``struct.unpack_from`` on the mapping, so the only copy is the one the caller asks for.
 """
 
@@ -16,9 +29,14 @@ import ctypes
 import logging
 import mmap
 import struct
-from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+from devices.memory import GuestMemoryError
 
 from . import layout
+
+__all__ = ["Backing", "GuestMemory", "GuestMemoryError", "MemoryRegion", "PAGE_SIZE", "map_anonymous",
+           "split_ram"]
 
 logger = logging.getLogger(__name__)
 
@@ -28,23 +46,62 @@ _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 
+#: Makes a fresh read/write host mapping of ``size`` bytes for one region.
+Backing = Callable[[int], mmap.mmap]
 
-class GuestMemoryError(ValueError):
-    """An out-of-range or region-crossing guest memory access."""
+
+def map_anonymous(size: int) -> mmap.mmap:
+    """Private anonymous memory, committed page by page on first touch."""
+    return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+                     | getattr(mmap, "MAP_NORESERVE", 0), prot=mmap.PROT_READ | mmap.PROT_WRITE)
 
 
-@dataclass
+def _check_range(gpa: int, size: int) -> None:
+    if gpa < 0 or gpa % PAGE_SIZE or size <= 0 or size % PAGE_SIZE:
+        raise GuestMemoryError(f"region [{gpa:#x}, +{size:#x}) is not a non-empty run of "
+                               f"{PAGE_SIZE:#x}-byte pages")
+
+
+def _host_address(mapping: mmap.mmap) -> int:
+    anchor = ctypes.c_char.from_buffer(mapping)   # a temporary export, just to read the address
+    try:
+        return ctypes.addressof(anchor)
+    finally:
+        del anchor
+
+
 class MemoryRegion:
-    gpa: int                   # guest-physical start
-    size: int                  # bytes
-    mmap: mmap.mmap            # host backing
-    host_addr: int = 0         # userspace address of the mapping (for KVM_SET_USER_MEMORY_REGION)
-    slot: int = 0
-    _view: memoryview | None = field(default=None, repr=False)
+    """``size`` bytes of guest-physical memory at ``gpa``, backed by the host mapping ``mapping``
+    (which the region owns and unmaps in ``close()``). ``slot`` is set by ``GuestMemory``."""
+
+    __slots__ = ("gpa", "size", "mapping", "host_addr", "slot", "_view")
+
+    def __init__(self, gpa: int, mapping: mmap.mmap) -> None:
+        size = len(mapping)
+        _check_range(gpa, size)
+        self.gpa = gpa
+        self.size = size
+        self.mapping = mapping
+        self.host_addr = _host_address(mapping)   # userspace address, for KVM_SET_USER_MEMORY_REGION
+        self.slot = 0
+        self._view: memoryview | None = memoryview(mapping)
 
     @property
     def end(self) -> int:
         return self.gpa + self.size
+
+    def __repr__(self) -> str:
+        return f"MemoryRegion([{self.gpa:#x}, {self.end:#x}), slot {self.slot})"
+
+    def close(self) -> None:
+        """Unmap; views still held elsewhere keep the mapping alive (logged). Idempotent."""
+        if self._view is not None:
+            self._view.release()
+            self._view = None
+        try:
+            self.mapping.close()
+        except BufferError:
+            logger.warning("guest memory region at %#x still has live views; left mapped", self.gpa)
 
 
 def split_ram(size: int) -> list[tuple[int, int]]:
@@ -57,30 +114,52 @@ def split_ram(size: int) -> list[tuple[int, int]]:
 
 
 class GuestMemory:
-    """Guest RAM of ``size`` bytes (page multiple), split around the 32-bit MMIO hole."""
+    """Guest-physical memory made of non-overlapping regions (``devices.memory.GuestMemoryAccess``).
 
-    def __init__(self, size: int) -> None:
-        if not isinstance(size, int) or size <= 0:
-            raise GuestMemoryError(f"guest memory size must be a positive integer, got {size!r}")
-        if size % PAGE_SIZE:
-            raise GuestMemoryError(f"guest memory size {size:#x} is not a multiple of {PAGE_SIZE:#x}")
-        self.size = size
-        self.regions: list[MemoryRegion] = []
+    Takes ownership of ``regions``: ``close()`` unmaps them (also when construction fails).
+    """
+
+    def __init__(self, regions: Iterable[MemoryRegion]) -> None:
+        if isinstance(regions, int):
+            raise TypeError("GuestMemory takes regions; use GuestMemory.for_ram(size) for RAM of a size")
+        self.regions: list[MemoryRegion] = sorted(regions, key=lambda r: r.gpa)
         try:
-            for slot, (gpa, length) in enumerate(split_ram(size)):
-                mm = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
-                               | getattr(mmap, "MAP_NORESERVE", 0),
-                               prot=mmap.PROT_READ | mmap.PROT_WRITE)
-                anchor = ctypes.c_char.from_buffer(mm)   # temporary export just to get the address
-                host_addr = ctypes.addressof(anchor)
-                del anchor
-                self.regions.append(MemoryRegion(gpa, length, mm, host_addr, slot, memoryview(mm)))
+            if not self.regions:
+                raise GuestMemoryError("guest memory needs at least one region")
+            for prev, r in zip(self.regions, self.regions[1:]):
+                if r.gpa < prev.end:
+                    raise GuestMemoryError(f"regions {prev!r} and {r!r} overlap")
         except BaseException:
             self.close()
             raise
-        self._closed = False
-        logger.debug("guest memory: %s", ", ".join(
-            f"[{r.gpa:#x}, {r.end:#x})" for r in self.regions))
+        for slot, r in enumerate(self.regions):
+            r.slot = slot
+        self.size = sum(r.size for r in self.regions)
+        logger.debug("guest memory: %s", ", ".join(f"[{r.gpa:#x}, {r.end:#x})" for r in self.regions))
+
+    @classmethod
+    def from_ranges(cls, ranges: Sequence[tuple[int, int]], backing: Backing = map_anonymous
+                    ) -> GuestMemory:
+        """One region per (gpa, size), each mapped by ``backing`` (anonymous memory by default)."""
+        regions: list[MemoryRegion] = []
+        try:
+            for gpa, size in ranges:
+                _check_range(gpa, size)         # before mapping anything for it
+                regions.append(MemoryRegion(gpa, backing(size)))
+        except BaseException:
+            for r in regions:
+                r.close()
+            raise
+        return cls(regions)
+
+    @classmethod
+    def for_ram(cls, size: int, backing: Backing = map_anonymous) -> GuestMemory:
+        """Guest RAM of ``size`` bytes (page multiple), split around the 32-bit MMIO hole."""
+        if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+            raise GuestMemoryError(f"guest memory size must be a positive integer, got {size!r}")
+        if size % PAGE_SIZE:
+            raise GuestMemoryError(f"guest memory size {size:#x} is not a multiple of {PAGE_SIZE:#x}")
+        return cls.from_ranges(split_ram(size), backing)
 
     # ---- KVM ----------------------------------------------------------------------------
     def register(self, vm) -> None:
@@ -109,10 +188,6 @@ class GuestMemory:
         except GuestMemoryError:
             return False
         return True
-
-    def host_address(self, gpa: int) -> int:
-        r, off = self._locate(gpa, 1)
-        return r.host_addr + off
 
     def ram_ranges(self) -> list[tuple[int, int]]:
         """(gpa, size) of every RAM region, for the e820 map."""
@@ -150,24 +225,14 @@ class GuestMemory:
 
     def _unpack(self, s: struct.Struct, gpa: int) -> int:
         r, off = self._locate(gpa, s.size)
-        return s.unpack_from(r.mmap, off)[0]
+        return s.unpack_from(r.mapping, off)[0]
 
     def _pack(self, s: struct.Struct, gpa: int, value: int) -> None:
         r, off = self._locate(gpa, s.size)
         try:
-            s.pack_into(r.mmap, off, value)
+            s.pack_into(r.mapping, off, value)
         except struct.error as e:
             raise GuestMemoryError(f"value {value!r} does not fit in {s.size} bytes") from e
-
-    def read_u8(self, gpa: int) -> int:
-        r, off = self._locate(gpa, 1)
-        return r.mmap[off]
-
-    def write_u8(self, gpa: int, value: int) -> None:
-        if not 0 <= value <= 0xFF:
-            raise GuestMemoryError(f"value {value!r} does not fit in 1 byte")
-        r, off = self._locate(gpa, 1)
-        r.mmap[off] = value
 
     def read_u16(self, gpa: int) -> int:
         return self._unpack(_U16, gpa)
@@ -191,14 +256,7 @@ class GuestMemory:
     def close(self) -> None:
         """Unmap all regions.  Views still held elsewhere keep their mapping alive (logged)."""
         for r in self.regions:
-            if r._view is not None:
-                r._view.release()
-                r._view = None
-            try:
-                r.mmap.close()
-            except BufferError:
-                logger.warning("guest memory region at %#x still has live views; left mapped", r.gpa)
-        self._closed = True
+            r.close()
 
     def __enter__(self) -> GuestMemory:
         return self

@@ -16,6 +16,7 @@ import threading
 from dataclasses import dataclass
 from typing import Callable
 
+from devices.memory import GuestMemoryAccess
 from kvm_sys import (FailEntryExit, InternalErrorExit, IoExit, KvmError, MmioExit, SystemEventExit, Vcpu,
                      VcpuExit, exit_name)
 from kvm_sys import bindings as kb
@@ -48,7 +49,8 @@ class Stop:
 class VcpuThread(threading.Thread):
     """Runs one vCPU until the machine sets `stopping`, then returns."""
 
-    def __init__(self, vcpu: Vcpu, pio: Bus, mmio: Bus, memory, on_stop: Callable[[Stop], None],
+    def __init__(self, vcpu: Vcpu, pio: Bus, mmio: Bus, memory: GuestMemoryAccess,
+                 on_stop: Callable[[Stop], None],
                  stopping: threading.Event):
         super().__init__(name=f"vcpu{vcpu.index}", daemon=False)
         self.vcpu = vcpu

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Protocol
 
+from devices.memory import GuestMemoryAccess
 from vmm import layout
 from vmm.acpi.dsdt import VirtioMmioWindow, build_dsdt
 from vmm.acpi.fadt import build_fadt
@@ -35,10 +35,6 @@ __all__ = [
 ]
 
 
-class _WritableMemory(Protocol):
-    def write(self, gpa: int, data: bytes) -> None: ...
-
-
 @dataclass(frozen=True)
 class AcpiTables:
     """The encoded tables and where each one goes in guest-physical memory."""
@@ -48,7 +44,7 @@ class AcpiTables:
     # Signature ("RSD PTR ", "DSDT", "FACP", "APIC", "XSDT") -> (gpa, bytes), for logs and tests.
     tables: dict[str, tuple[int, bytes]] = field(default_factory=dict)
 
-    def write_to(self, memory: _WritableMemory) -> None:
+    def write_to(self, memory: GuestMemoryAccess) -> None:
         """Copy every table into guest memory (raises the memory's ValueError if the area is not RAM)."""
         for gpa, data in self.blobs:
             memory.write(gpa, data)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from devices.memory import GuestMemoryAccess
+
 from .. import layout
 
 PTE_PRESENT = 1 << 0
@@ -116,7 +118,7 @@ def decode_descriptor(entry: int, selector: int) -> Segment:
     )
 
 
-def write_boot_tables(memory) -> None:
+def write_boot_tables(memory: GuestMemoryAccess) -> None:
     """Write page tables, GDT and IDT to guest memory at their layout addresses (each must fit the
     room the layout reserves for it, or it would overwrite its neighbour)."""
     tables = page_tables()
