@@ -7,7 +7,6 @@ import struct
 import pytest
 
 from devices.acpi_pm import RESET_VALUE
-from tests.fakes import FakeGuestMemory
 from vmm import layout
 from vmm.acpi import (
     TableArena,
@@ -16,6 +15,7 @@ from vmm.acpi import (
 from vmm.acpi import fadt as fadt_mod
 from vmm.acpi.madt import build_madt
 from vmm.acpi.sdt import HEADER_SIZE
+from vmm.memory import GuestMemory
 
 VIRTIO = [(0xD0000000 + i * 0x1000, 0x1000, 5 + i) for i in range(3)]
 SDT_SIGNATURES = ["DSDT", "FACP", "APIC", "XSDT"]
@@ -146,7 +146,7 @@ def test_placement_inside_area_without_overlap(tables) -> None:
 
 def test_write_to_memory_and_follow_pointers(tables) -> None:
     """Follow RSDP -> XSDT -> FADT -> DSDT in guest memory, as the guest does."""
-    mem = FakeGuestMemory(1 << 20)
+    mem = GuestMemory.from_ranges([(0, 1 << 20)])
     tables.write_to(mem)
     rsdp = mem.read(tables.rsdp_addr, 36)
     xsdt_addr = struct.unpack_from("<Q", rsdp, 24)[0]
@@ -165,7 +165,7 @@ def test_write_to_memory_and_follow_pointers(tables) -> None:
 
 
 def test_write_to_fails_without_ram_there(tables) -> None:
-    mem = FakeGuestMemory(0xA0000)  # RAM ends below the ACPI area
+    mem = GuestMemory.from_ranges([(0, 0xA0000)])  # RAM ends below the ACPI area
     with pytest.raises(ValueError):
         tables.write_to(mem)
 
