@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import struct
+from typing import Any
 
 from . import bindings as kb
 
@@ -43,7 +44,7 @@ _SCALAR_FORMATS = {ctypes.c_uint8: "B", ctypes.c_uint16: "H", ctypes.c_uint32: "
                    ctypes.c_uint64: "Q"}
 
 
-def member(cls: type, name: str) -> tuple[int, type]:
+def member(cls: Any, name: str) -> tuple[int, Any]:
     """(offset, ctypes type) of member ``name`` of struct/union ``cls``, looking through anonymous
     members the way C (and ctypes' ``_anonymous_``) promotes them."""
     fields = {f[0]: f[1] for f in cls._fields_}
@@ -58,7 +59,7 @@ def member(cls: type, name: str) -> tuple[int, type]:
     raise KeyError(f"{cls.__name__} has no member {name!r}")
 
 
-def _unpacker(cls: type, names: tuple[str, ...]) -> struct.Struct:
+def _unpacker(cls: Any, names: tuple[str, ...]) -> struct.Struct:
     """A little-endian ``struct.Struct`` reading the scalar members ``names`` of ``cls`` (in offset
     order) from the start of a ``cls``, with pad bytes for whatever lies between them."""
     fmt = "<"
@@ -73,7 +74,7 @@ def _unpacker(cls: type, names: tuple[str, ...]) -> struct.Struct:
     return struct.Struct(fmt)
 
 
-def _union_member(name: str) -> tuple[int, type]:
+def _union_member(name: str) -> tuple[int, Any]:
     """Offset in ``kvm_run`` and type of one member of the exit union (``io``, ``mmio``, ...)."""
     return member(kb.kvm_run, name)
 
@@ -148,7 +149,8 @@ class VcpuExit:
         return exit_name(self.reason)
 
     def __repr__(self) -> str:
-        fields = ", ".join(f"{s}={getattr(self, s)!r}" for s in self.__slots__ if s != "reason")
+        slots: tuple[str, ...] = self.__slots__
+        fields = ", ".join(f"{s}={getattr(self, s)!r}" for s in slots if s != "reason")
         return f"{type(self).__name__}({self.name}{', ' if fields else ''}{fields})"
 
 

@@ -68,7 +68,8 @@ def _error(request: int) -> KvmError:
     return cls(err, ioctl_name(request))
 
 
-def _ioctl(fd: int, request: int, arg: int | ctypes.Structure | ctypes.Union = 0) -> int:
+def _ioctl(fd: int, request: int,
+           arg: int | ctypes.Structure | ctypes.Union | ctypes._SimpleCData = 0) -> int:
     """ioctl(fd, request, arg) -> non-negative result; ``arg`` is a value or a ctypes object."""
     if isinstance(arg, int):
         value = arg

@@ -243,8 +243,12 @@ class Machine:
         if self.config.serial.log is not None:
             log_file = stack.enter_context(open(self.config.serial.log, "ab"))
         sink = ConsoleSink(self.output, log_file, on_line=self.on_console_line)
-        serial = Serial(sink, irq=lambda: (vm.irq_line(layout.COM1_IRQ, 1),
-                                           vm.irq_line(layout.COM1_IRQ, 0)))
+
+        def pulse_com1_irq() -> None:
+            vm.irq_line(layout.COM1_IRQ, 1)
+            vm.irq_line(layout.COM1_IRQ, 0)
+
+        serial = Serial(sink, irq=pulse_com1_irq)
         pio.insert(layout.COM1_PORT, layout.COM1_PORT_SIZE, serial, "com1")
         pio.insert(layout.I8042_DATA_PORT, layout.I8042_PORT_SIZE, I8042(
             lambda: self.request_stop(Stop(StopReason.GUEST_RESET))), "i8042")

@@ -92,10 +92,9 @@ class VcpuThread(threading.Thread):
                 raise
             self.exits += 1
             reasons[ex.reason] += 1
-            kind = type(ex)
-            if kind is IoExit:
+            if isinstance(ex, IoExit):
                 self._handle_io(ex)
-            elif kind is MmioExit:
+            elif isinstance(ex, MmioExit):
                 self._handle_mmio(ex)
             else:
                 stop = self._stop_for(ex)
