@@ -1,6 +1,6 @@
 """Test doubles for the guest side of a VM: a virtio driver's queues and its MMIO register accesses.
 
-Guest memory is not faked: tests use the real `vmm.memory.GuestMemory` built with
+Guest memory is not faked: tests use the real `devices.memory.GuestMemory` built with
 `GuestMemory.from_ranges([(gpa, size), ...])` (anonymous mmaps, no KVM), so device code is checked
 against the same bounds rules it meets in a VM.
 """

@@ -12,7 +12,7 @@ from kvm_sys import IoExit, Kvm, MmioExit, bindings as kb
 from kvm_sys.flex import make_flex
 from vmm import layout
 from vmm.boot import BootInfo, cpu, paging
-from vmm.memory import GuestMemory
+from vmm.memory import guest_ram
 
 MiB = 1 << 20
 
@@ -87,7 +87,7 @@ CODE_ADDR = 0x100000
 
 @KVM
 def test_long_mode_guest_with_boot_state():
-    mem = GuestMemory.for_ram(4 * MiB)
+    mem = guest_ram(4 * MiB)
     efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
     with Kvm() as kvm:
         vm = kvm.create_vm()

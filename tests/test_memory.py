@@ -10,7 +10,7 @@ import pytest
 
 import devices.memory
 from devices.memory import GuestMemoryAccess
-from vmm.memory import GuestMemory, GuestMemoryError, MemoryRegion, split_ram
+from vmm.memory import GuestMemory, GuestMemoryError, MemoryRegion, guest_ram, split_ram
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -18,7 +18,7 @@ MiB = 1 << 20
 
 @pytest.fixture
 def mem():
-    m = GuestMemory.for_ram(16 * MiB)
+    m = guest_ram(16 * MiB)
     yield m
     m.close()
 
@@ -30,7 +30,7 @@ def test_small_memory_is_one_region(mem):
 
 
 def test_split_around_mmio_hole_without_touching_pages():
-    m = GuestMemory.for_ram(4 * GiB + GiB // 2)       # MAP_NORESERVE mmaps: nothing is committed
+    m = guest_ram(4 * GiB + GiB // 2)       # MAP_NORESERVE mmaps: nothing is committed
     try:
         assert [(r.gpa, r.size) for r in m.regions] == [(0, 3 * GiB), (4 * GiB, 1 * GiB + GiB // 2)]
         assert m.size == sum(r.size for r in m.regions)
@@ -59,7 +59,7 @@ def test_split_ram(size, expected):
 @pytest.mark.parametrize("bad", [0, -4096, 4097, 1.5])
 def test_bad_sizes_rejected(bad):
     with pytest.raises(GuestMemoryError):
-        GuestMemory.for_ram(bad)
+        guest_ram(bad)
 
 
 def test_errors_are_value_errors():
@@ -138,7 +138,7 @@ def test_register_with_kvm():
     from kvm_sys import Kvm
     with Kvm() as kvm:
         vm = kvm.create_vm()
-        m = GuestMemory.for_ram(3 * GiB + 64 * MiB)
+        m = guest_ram(3 * GiB + 64 * MiB)
         try:
             m.register(vm)                      # two slots, no overlap: KVM accepts both
             assert [r.slot for r in m.regions] == [0, 1]
@@ -148,7 +148,7 @@ def test_register_with_kvm():
 
 
 def test_close_with_live_view_does_not_raise():
-    m = GuestMemory.for_ram(1 * MiB)
+    m = guest_ram(1 * MiB)
     v = m.view(0, 16)
     m.close()                                   # logs; mapping lives on with the view
     v.release()
@@ -185,7 +185,7 @@ def test_bad_ranges_rejected(ranges):
 
 
 def test_size_is_not_regions():
-    with pytest.raises(TypeError, match="for_ram"):
+    with pytest.raises(TypeError, match="guest_ram"):
         GuestMemory(16 * MiB)               # type: ignore[arg-type]
 
 
@@ -243,3 +243,12 @@ def test_close_is_idempotent():
     m.close()
     m.close()
     assert m.regions[0].mapping.closed
+
+
+def test_a_region_need_not_be_page_sized_but_vm_ram_must():
+    # A peer-described region (vhost-user) is whatever the peer says; RAM we give KVM is whole pages.
+    with GuestMemory([MemoryRegion(0x10, mmap.mmap(-1, 0x30))]) as m:
+        m.write(0x3C, b"abcd")
+        assert m.read(0x3C, 4) == b"abcd" and not m.contains(0x3D, 4) and not m.contains(0xC, 8)
+    with pytest.raises(GuestMemoryError):
+        MemoryRegion((1 << 64) - 0x10, mmap.mmap(-1, 0x20))

@@ -6,11 +6,11 @@ import os
 
 import pytest
 
+from devices.memory import GuestMemory
 from devices.virtio.chain import ChainReader, ChainWriter
 from devices.virtio.queue import Queue
 from fuse.io import BufferTooSmall, BytesWriter, Reader, Writer
 from tests.fakes import FakeDriverQueue
-from vmm.memory import GuestMemory
 
 
 def chain_of(readable: list[bytes], writable: list[int], *, size: int = 16, indirect: bool = False):

@@ -16,6 +16,7 @@ import threading
 
 import pytest
 
+from devices.memory import GuestMemory
 from devices.virtio.device import VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_NEEDS_RESET
 from devices.virtio.fs.device import FsDevice, config_space
 from devices.virtio.fs.options import FsOptions
@@ -27,7 +28,6 @@ from devices.virtio.queue import VRING_DESC_F_NEXT, Queue
 from fuse import abi
 from fuse.server import Server
 from tests.fakes import FakeDriverQueue, MmioDriver
-from vmm.memory import GuestMemory
 
 MEM = 16 << 20
 WAIT_S = 30  # a bound on waiting for the worker, not a timing assertion

@@ -7,6 +7,7 @@ import os
 import pytest
 
 from devices.bus_device import BusDevice
+from devices.memory import GuestMemory
 from devices.virtio.device import (
     BASE_FEATURES,
     VIRTIO_CONFIG_S_ACKNOWLEDGE as ACK,
@@ -22,7 +23,6 @@ from devices.virtio.interrupt import VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRI
 from devices.virtio.mmio import MmioTransport
 from devices.virtio.queue import VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC
 from tests.fakes import MmioDriver
-from vmm.memory import GuestMemory
 
 DEVICE_BIT = 1 << 3  # a device-specific feature the test device offers
 

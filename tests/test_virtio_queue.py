@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from devices.memory import GuestMemory
 from devices.virtio.queue import (
     InvalidChain,
     Queue,
@@ -16,7 +17,6 @@ from devices.virtio.queue import (
     VRING_DESC_F_WRITE,
 )
 from tests.fakes import FakeDriverQueue
-from vmm.memory import GuestMemory
 
 MEM = 1 << 20
 RING_BASE = 0x1000

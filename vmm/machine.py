@@ -38,7 +38,7 @@ from .bus import Bus
 from .config import Config
 from .console import ConsoleSink
 from .exit_status import run_exit_status
-from .memory import GuestMemory
+from .memory import GuestMemory, guest_ram
 from .vcpu import Stop, StopReason, VcpuThread, describe_thread
 
 log = logging.getLogger(__name__)
@@ -191,7 +191,7 @@ class Machine:
         vm.create_irqchip()
         vm.create_pit2(kb.KVM_PIT_SPEAKER_DUMMY)
 
-        memory = GuestMemory.for_ram(cfg.vm.memory_mib << 20)
+        memory = guest_ram(cfg.vm.memory_mib << 20)
         stack.callback(memory.close)
         memory.register(vm)
 
