@@ -50,8 +50,7 @@ class VcpuThread(threading.Thread):
     """Runs one vCPU until the machine sets `stopping`, then returns."""
 
     def __init__(self, vcpu: Vcpu, pio: Bus, mmio: Bus, memory: GuestMemoryAccess,
-                 on_stop: Callable[[Stop], None],
-                 stopping: threading.Event):
+                 on_stop: Callable[[Stop], None], stopping: threading.Event):
         super().__init__(name=f"vcpu{vcpu.index}", daemon=False)
         self.vcpu = vcpu
         self.pio = pio
