@@ -2,7 +2,8 @@
 
 A HW-reduced ACPI platform has no PM1 blocks, so Linux powers off by writing the FADT's
 SLEEP_CONTROL_REG and reboots (reboot=a, or as a fallback) through RESET_REG. Like cloud-hypervisor's
-AcpiShutdownDevice, all three registers live on the same 8-bit port (0x600); the values never collide:
+AcpiShutdownDevice, all three registers live on the same 8-bit port (the VMM puts it at 0x600); the
+values never collide:
 
 - reset:          RESET_VALUE (1)
 - sleep control:  (SLP_TYP << 2) | SLP_EN (bit 5); SLP_TYP 5 (the `\\_S5_` value in our DSDT) = soft off
@@ -21,9 +22,9 @@ from typing import Callable
 
 logger = logging.getLogger(__name__)
 
-# Port and register values shared with the FADT (vmm/acpi/fadt.py) and DSDT (vmm/acpi/dsdt.py).
-ACPI_PM_IO_BASE = 0x600
-ACPI_PM_IO_SIZE = 1
+# Register values shared with the FADT (vmm/acpi/fadt.py) and DSDT (vmm/acpi/dsdt.py); the port
+# itself is the VMM's choice (vmm/layout.py ACPI_PM_PORT), which it writes into the FADT.
+IO_SIZE = 1         # one 8-bit register
 RESET_VALUE = 0x01
 S5_SLP_TYP = 5  # the first element of \_S5_
 
@@ -34,7 +35,7 @@ WAK_STS = 1 << 7
 
 
 class AcpiPmDevice:
-    """BusDevice for port 0x600: S5 writes call `on_poweroff`, RESET_VALUE writes call `on_reset`.
+    """BusDevice for the PM port: S5 writes call `on_poweroff`, RESET_VALUE writes call `on_reset`.
 
     Callbacks run on the vCPU thread that made the write; they should only request the stop (set a
     flag, write an eventfd) and return. A guest that requests a sleep state we do not offer (only S5

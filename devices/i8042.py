@@ -14,6 +14,7 @@ log = logging.getLogger(__name__)
 
 DATA_PORT_OFFSET = 0       # port 0x60
 COMMAND_PORT_OFFSET = 4    # port 0x64
+IO_SIZE = COMMAND_PORT_OFFSET + 1   # one bus range from the data port to the command port
 CMD_READ_OUTPUT_PORT = 0xD0
 CMD_RESET_CPU = 0xFE
 OUTPUT_PORT_DEFAULT = 0x01  # bit 0: the system-reset line is not asserted

@@ -23,6 +23,7 @@ MCR = 4
 LSR = 5
 MSR = 6
 SCR = 7
+IO_SIZE = SCR + 1         # eight consecutive ports; where they go is the VMM's choice (COM1 0x3F8)
 
 LCR_DLAB = 0x80
 MCR_LOOP = 0x10

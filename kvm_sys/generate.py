@@ -637,6 +637,10 @@ _CASTS = {f"_cast_{'s' if s else 'u'}{b}": _make_cast(b, s) for b in (8, 16, 32,
 # Emission
 # --------------------------------------------------------------------------------------------
 
+# A #define whose whole body is one _IO/_IOR/_IOW/_IOWR(...) call: an ioctl request number.
+_IOCTL_BODY = re.compile(r"_IO(R|W|WR)?\s*\(.*\)$")
+
+
 def _fmt_const(value: int, body: str) -> str:
     if value < 0:
         return str(value)
@@ -719,6 +723,7 @@ def render(cc: str = "gcc") -> str:
     lines.append("# ---- #define constants (evaluated; original text in the comment) " + "-" * 26)
     current_file = None
     emitted: dict[str, int] = {}
+    ioctls: dict[int, list[str]] = {}          # request number -> ioctl names, in header order
     for d in pre.defines:
         if not _from_kvm_header(d.file) or d.params is not None or d.name.startswith("_"):
             continue
@@ -739,6 +744,17 @@ def render(cc: str = "gcc") -> str:
         seen.add(d.name)
         emitted[d.name] = value
         lines.append(f"{d.name} = {_fmt_const(value, body)}  # {body}")
+        if _IOCTL_BODY.match(body):
+            ioctls.setdefault(value, []).append(d.name)
+    lines.append("")
+    lines.append("# ---- ioctl request number -> name " + "-" * 60)
+    lines.append("# Every constant above defined by an _IO/_IOR/_IOW/_IOWR macro, so a caller names an ioctl")
+    lines.append("# once (by its constant) and error messages still say which one failed.  Numbers that two")
+    lines.append("# headers' ioctls share (architectures reuse slots) map to both names.")
+    lines.append("IOCTL_NAMES = {")
+    for value, names in ioctls.items():
+        lines.append(f"    {names[0]}: {' or '.join(names)!r},")
+    lines.append("}")
     lines.append("")
     return "\n".join(lines)
 

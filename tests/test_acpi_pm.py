@@ -7,8 +7,9 @@ import struct
 
 import pytest
 
-from devices.acpi_pm import ACPI_PM_IO_BASE, RESET_VALUE, SLP_EN, WAK_STS, AcpiPmDevice
+from devices.acpi_pm import RESET_VALUE, SLP_EN, WAK_STS, AcpiPmDevice
 from devices.bus_device import BusDevice
+from vmm import layout
 from vmm.acpi import build_acpi_tables
 
 
@@ -66,7 +67,7 @@ def test_fadt_points_at_this_device() -> None:
     fadt = build_acpi_tables(1, []).tables["FACP"][1]
     for off in (116, 244, 256):
         space, width, _bit_off, _access, addr = struct.unpack_from("<BBBBQ", fadt, off)
-        assert (space, width, addr) == (1, 8, ACPI_PM_IO_BASE)
+        assert (space, width, addr) == (1, 8, layout.ACPI_PM_PORT)
     assert fadt[128] == RESET_VALUE
 
 

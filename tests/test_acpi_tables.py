@@ -6,18 +6,16 @@ import struct
 
 import pytest
 
-from devices.acpi_pm import ACPI_PM_IO_BASE, RESET_VALUE
-from tests.fakes import FakeGuestMemory
+from devices.acpi_pm import RESET_VALUE
+from vmm import layout
 from vmm.acpi import (
-    ACPI_AREA_END,
-    ACPI_AREA_START,
-    RSDP_ADDR,
     TableArena,
     build_acpi_tables,
 )
 from vmm.acpi import fadt as fadt_mod
 from vmm.acpi.madt import build_madt
 from vmm.acpi.sdt import HEADER_SIZE
+from vmm.memory import GuestMemory
 
 VIRTIO = [(0xD0000000 + i * 0x1000, 0x1000, 5 + i) for i in range(3)]
 SDT_SIGNATURES = ["DSDT", "FACP", "APIC", "XSDT"]
@@ -45,7 +43,7 @@ def test_sdt_checksum_and_length(tables, sig: str) -> None:
 
 def test_rsdp(tables) -> None:
     addr, rsdp = tables.tables["RSD PTR "]
-    assert addr == RSDP_ADDR == tables.rsdp_addr == 0xE0000
+    assert addr == layout.RSDP_ADDR == tables.rsdp_addr == 0xE0000
     sig, _csum, oem, rev, rsdt, length, xsdt, _ext, reserved = struct.unpack("<8sB6sBIIQB3s", rsdp)
     assert (sig, oem, rev, rsdt, length, reserved) == (b"RSD PTR ", b"PYVMM ", 2, 0, 36, bytes(3))
     assert sum(rsdp[:20]) & 0xFF == 0
@@ -75,7 +73,7 @@ def test_fadt_fields(tables) -> None:
     boot_arch, = struct.unpack_from("<H", fadt, 109)
     assert boot_arch == fadt_mod.IAPC_BOOT_ARCH
     assert boot_arch & 0b10 and boot_arch & 0b100 and boot_arch & 0b100000
-    io8 = (1, 8, 0, 1, ACPI_PM_IO_BASE)  # SystemIO, 8 bits, offset 0, byte access, port 0x600
+    io8 = (1, 8, 0, 1, layout.ACPI_PM_PORT)  # SystemIO, 8 bits, offset 0, byte access, port 0x600
     assert struct.unpack_from("<BBBBQ", fadt, 116) == io8  # RESET_REG
     assert fadt[128] == RESET_VALUE
     assert struct.unpack_from("<BBBBQ", fadt, 244) == io8  # SLEEP_CONTROL_REG
@@ -138,17 +136,17 @@ def test_dsdt_contains_every_virtio_window(tables) -> None:
 def test_placement_inside_area_without_overlap(tables) -> None:
     spans = sorted((gpa, gpa + len(data)) for gpa, data in tables.blobs)
     assert len(spans) == 5
-    assert spans[0][0] == ACPI_AREA_START == 0xE0000
+    assert spans[0][0] == layout.ACPI_TABLES_ADDR == 0xE0000
     for (_, end), (start, _) in zip(spans, spans[1:]):
         assert end <= start
-    assert spans[-1][1] <= ACPI_AREA_END == 0x100000
+    assert spans[-1][1] <= layout.ACPI_TABLES_END == 0x100000
     for gpa, _ in tables.blobs:
         assert gpa % 16 == 0
 
 
 def test_write_to_memory_and_follow_pointers(tables) -> None:
     """Follow RSDP -> XSDT -> FADT -> DSDT in guest memory, as the guest does."""
-    mem = FakeGuestMemory(1 << 20)
+    mem = GuestMemory.from_ranges([(0, 1 << 20)])
     tables.write_to(mem)
     rsdp = mem.read(tables.rsdp_addr, 36)
     xsdt_addr = struct.unpack_from("<Q", rsdp, 24)[0]
@@ -167,7 +165,7 @@ def test_write_to_memory_and_follow_pointers(tables) -> None:
 
 
 def test_write_to_fails_without_ram_there(tables) -> None:
-    mem = FakeGuestMemory(0xA0000)  # RAM ends below the ACPI area
+    mem = GuestMemory.from_ranges([(0, 0xA0000)])  # RAM ends below the ACPI area
     with pytest.raises(ValueError):
         tables.write_to(mem)
 

@@ -46,8 +46,8 @@ def make_bzimage(*, setup_sects=4, version=0x020F, loadflags=0x01, xloadflags=0x
 
 @pytest.fixture
 def mem():
-    from vmm.memory import GuestMemory
-    m = GuestMemory(64 * MiB)
+    from vmm.memory import guest_ram
+    m = guest_ram(64 * MiB)
     yield m
     m.close()
 

@@ -3,17 +3,16 @@ and register state (port I/O in and out, a RAM store, an MMIO exit, an ioeventfd
 
 from __future__ import annotations
 
-import ctypes
 import os
 import struct
 
 import pytest
 
-from kvm_sys import Kvm, bindings as kb
+from kvm_sys import IoExit, Kvm, MmioExit, bindings as kb
 from kvm_sys.flex import make_flex
 from vmm import layout
 from vmm.boot import BootInfo, cpu, paging
-from vmm.memory import GuestMemory
+from vmm.memory import guest_ram
 
 MiB = 1 << 20
 
@@ -88,7 +87,7 @@ CODE_ADDR = 0x100000
 
 @KVM
 def test_long_mode_guest_with_boot_state():
-    mem = GuestMemory(4 * MiB)
+    mem = guest_ram(4 * MiB)
     efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
     with Kvm() as kvm:
         vm = kvm.create_vm()
@@ -114,26 +113,22 @@ def test_long_mode_guest_with_boot_state():
             assert (struct.unpack_from("<I", raw, 0x360)[0] >> 8) & 7 == cpu.APIC_MODE_NMI
             assert vcpu.get_msrs([0x2FF])[0x2FF] == (1 << 11) | 6
 
-            run = vcpu.run_struct
             events = []
             for _ in range(20):
-                vcpu.run()
-                r = run.exit_reason
-                if r == kb.KVM_EXIT_IO:
-                    data_addr = ctypes.addressof(run) + run.io.data_offset
-                    if run.io.direction == kb.KVM_EXIT_IO_OUT:
-                        events.append(("out", run.io.port, ctypes.string_at(data_addr, run.io.size)))
-                        if run.io.port == 0x500:
+                ex = vcpu.run()
+                if isinstance(ex, IoExit):
+                    if ex.is_out:
+                        events.append(("out", ex.port, bytes(ex.data)))
+                        if ex.port == 0x500:
                             break
                     else:
-                        events.append(("in", run.io.port, run.io.size))
-                        ctypes.memmove(data_addr, b"\x77", 1)
-                elif r == kb.KVM_EXIT_MMIO:
-                    events.append(("mmio", run.mmio.phys_addr, run.mmio.len, run.mmio.is_write,
-                                   bytes(run.mmio.data[:run.mmio.len])))
+                        events.append(("in", ex.port, ex.size))
+                        ex.data[:] = b"\x77"
+                elif isinstance(ex, MmioExit):
+                    events.append(("mmio", ex.address, len(ex.data), int(ex.is_write), bytes(ex.data)))
                 else:
                     regs = vcpu.get_regs()
-                    pytest.fail(f"unexpected exit {r} at rip {regs.rip:#x}; events {events}")
+                    pytest.fail(f"unexpected exit {ex!r} at rip {regs.rip:#x}; events {events}")
             assert events == [
                 ("out", 0x3F8, b"Z"),
                 ("mmio", 0xD0000000, 4, 1, struct.pack("<I", 0x12345678)),

@@ -11,7 +11,7 @@ import pytest
 from vmm import layout
 from vmm.boot import BootError, elf, load_kernel
 from vmm.boot.bootparams import E820_ENTRY, E820_TABLE_OFFSET, FIELDS
-from vmm.memory import GuestMemory
+from vmm.memory import guest_ram
 
 MiB = 1 << 20
 
@@ -38,7 +38,7 @@ def make_elf(segments, entry, *, ei_class=2, ei_data=1, machine=62, e_type=2, ph
 
 @pytest.fixture
 def mem():
-    m = GuestMemory(64 * MiB)
+    m = guest_ram(64 * MiB)
     yield m
     m.close()
 
@@ -127,7 +127,7 @@ def test_segment_out_of_ram(tmp_path, mem):
 
 
 def test_segment_in_the_mmio_hole(tmp_path):
-    m = GuestMemory(64 * MiB)
+    m = guest_ram(64 * MiB)
     try:
         img = make_elf([(0xD0000000, 0xD0000000, b"\xf4", 1)], entry=0xD0000000)
         with pytest.raises(BootError, match="does not fit"):

@@ -8,14 +8,14 @@ import pytest
 
 from vmm import layout
 from vmm.boot import paging
-from vmm.memory import GuestMemory
+from vmm.memory import guest_ram
 
 MiB = 1 << 20
 
 
 @pytest.fixture(scope="module")
 def mem():
-    m = GuestMemory(32 * MiB)
+    m = guest_ram(32 * MiB)
     paging.write_boot_tables(m)
     yield m
     m.close()

@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from kvm_sys import Kvm, KvmError, Vcpu, Vm, bindings as kb
+from kvm_sys import IoExit, Kvm, KvmError, SimpleExit, Vm, bindings as kb
 from kvm_sys.kvm import KvmInterrupted
 
 pytestmark = pytest.mark.skipif(
@@ -70,11 +70,6 @@ def _map(size):
     return mm, addr
 
 
-def _io_data(vcpu: Vcpu) -> bytes:
-    run = vcpu.run_struct
-    return ctypes.string_at(ctypes.addressof(run) + run.io.data_offset, run.io.size * run.io.count)
-
-
 def test_real_mode_guest_out_and_hlt(kvm):
     vm = kvm.create_vm()
     mm, addr = _map(0x10000)
@@ -98,16 +93,16 @@ def test_real_mode_guest_out_and_hlt(kvm):
 
         out = []
         for _ in range(20):
-            vcpu.run()
-            reason = vcpu.run_struct.exit_reason
-            if reason == kb.KVM_EXIT_IO:
-                io = vcpu.run_struct.io
-                assert io.direction == kb.KVM_EXIT_IO_OUT and io.port == 0x3F8 and io.size == 1
-                out.append(_io_data(vcpu))
-            elif reason == kb.KVM_EXIT_HLT:
+            ex = vcpu.run()
+            if isinstance(ex, IoExit):
+                assert (ex.reason, ex.is_out, ex.port, ex.size, ex.count) == (kb.KVM_EXIT_IO, True,
+                                                                              0x3F8, 1, 1)
+                out.append(bytes(ex.data))
+            elif ex.reason == kb.KVM_EXIT_HLT:
+                assert isinstance(ex, SimpleExit) and ex.name == "KVM_EXIT_HLT"
                 break
             else:
-                pytest.fail(f"unexpected exit {reason}")
+                pytest.fail(f"unexpected exit {ex!r}")
         else:
             pytest.fail("guest never halted")
         assert b"".join(out) == b"AB"
@@ -128,8 +123,9 @@ def test_immediate_exit_raises_interrupted(kvm):
             vcpu.run()
         assert isinstance(ei.value, KvmInterrupted) and isinstance(ei.value, KvmError)
         assert "KVM_RUN" in str(ei.value)
+        assert vcpu.immediate_exit
         vcpu.set_immediate_exit(False)
-        assert vcpu.run_struct.immediate_exit == 0
+        assert not vcpu.immediate_exit
     finally:
         vcpu.close()
         vm.close()

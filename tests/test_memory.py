@@ -1,13 +1,16 @@
-"""GuestMemory: the hole split, bounds checks, little-endian accessors, KVM registration."""
+"""GuestMemory: regions and their backings, the hole split, bounds checks, little-endian accessors,
+KVM registration."""
 
 from __future__ import annotations
 
+import mmap
 import os
 
 import pytest
 
-from vmm import layout
-from vmm.memory import GuestMemory, GuestMemoryError, split_ram
+import devices.memory
+from devices.memory import GuestMemoryAccess
+from vmm.memory import GuestMemory, GuestMemoryError, MemoryRegion, guest_ram, split_ram
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -15,7 +18,7 @@ MiB = 1 << 20
 
 @pytest.fixture
 def mem():
-    m = GuestMemory(16 * MiB)
+    m = guest_ram(16 * MiB)
     yield m
     m.close()
 
@@ -27,7 +30,7 @@ def test_small_memory_is_one_region(mem):
 
 
 def test_split_around_mmio_hole_without_touching_pages():
-    m = GuestMemory(4 * GiB + GiB // 2)       # MAP_NORESERVE mmaps: nothing is committed
+    m = guest_ram(4 * GiB + GiB // 2)       # MAP_NORESERVE mmaps: nothing is committed
     try:
         assert [(r.gpa, r.size) for r in m.regions] == [(0, 3 * GiB), (4 * GiB, 1 * GiB + GiB // 2)]
         assert m.size == sum(r.size for r in m.regions)
@@ -40,7 +43,6 @@ def test_split_around_mmio_hole_without_touching_pages():
             m.view(3 * GiB - 2, 4)
         m.write_u32(4 * GiB + 16, 0xCAFEBABE)           # touches exactly one high page
         assert m.read_u32(4 * GiB + 16) == 0xCAFEBABE
-        assert m.host_address(4 * GiB) == m.regions[1].host_addr
     finally:
         m.close()
 
@@ -57,7 +59,7 @@ def test_split_ram(size, expected):
 @pytest.mark.parametrize("bad", [0, -4096, 4097, 1.5])
 def test_bad_sizes_rejected(bad):
     with pytest.raises(GuestMemoryError):
-        GuestMemory(bad)
+        guest_ram(bad)
 
 
 def test_errors_are_value_errors():
@@ -136,7 +138,7 @@ def test_register_with_kvm():
     from kvm_sys import Kvm
     with Kvm() as kvm:
         vm = kvm.create_vm()
-        m = GuestMemory(3 * GiB + 64 * MiB)
+        m = guest_ram(3 * GiB + 64 * MiB)
         try:
             m.register(vm)                      # two slots, no overlap: KVM accepts both
             assert [r.slot for r in m.regions] == [0, 1]
@@ -146,20 +148,107 @@ def test_register_with_kvm():
 
 
 def test_close_with_live_view_does_not_raise():
-    m = GuestMemory(1 * MiB)
+    m = guest_ram(1 * MiB)
     v = m.view(0, 16)
     m.close()                                   # logs; mapping lives on with the view
     v.release()
 
 
-def test_layout_constants_are_consistent():
-    assert layout.PAGE_TABLES_END <= layout.CMDLINE_ADDR
-    assert layout.ZERO_PAGE_ADDR + layout.ZERO_PAGE_SIZE <= layout.BOOT_STACK_POINTER + 0x10
-    assert layout.GDT_ADDR + layout.GDT_ENTRIES * 8 <= layout.IDT_ADDR
-    assert layout.CMDLINE_ADDR + layout.CMDLINE_MAX_SIZE <= layout.EBDA_START
-    assert layout.MMIO_HOLE_START <= layout.VIRTIO_MMIO_BASE < layout.IOAPIC_ADDR < layout.LAPIC_ADDR
-    assert layout.virtio_mmio_addr(1) == 0xD0001000 and layout.virtio_gsi(0) == 5
-    assert layout.VIRTIO_FIRST_GSI + layout.VIRTIO_MAX_DEVICES <= layout.IOAPIC_PINS
-    assert layout.TSS_ADDR + 3 * 0x1000 <= layout.MMIO_HOLE_END
-    with pytest.raises(ValueError):
-        layout.virtio_mmio_addr(layout.VIRTIO_MAX_DEVICES)
+
+# ---- regions, backings, and the access interface --------------------------------------------------
+
+def test_from_ranges_keeps_the_one_region_rule():
+    m = GuestMemory.from_ranges([(0x20000, 0x10000), (0, 0x20000)])     # adjacent, given unsorted
+    try:
+        assert [(r.gpa, r.size, r.slot) for r in m.regions] == [(0, 0x20000, 0), (0x20000, 0x10000, 1)]
+        assert m.size == 0x30000 and m.contains(0x1FFFC, 4) and m.contains(0x20000, 4)
+        assert not m.contains(0x1FFFE, 4)          # touching regions are still two regions
+        with pytest.raises(GuestMemoryError):
+            m.view(0x1FFFE, 4)
+        with pytest.raises(GuestMemoryError):
+            m.read_u32(0x2FFFE)
+    finally:
+        m.close()
+
+
+@pytest.mark.parametrize("ranges", [
+    [],                                   # no memory at all
+    [(0, 0x2000), (0x1000, 0x1000)],      # overlap
+    [(0x800, 0x1000)],                    # base not page aligned
+    [(0, 0x1800)],                        # size not a page multiple
+    [(0, 0)],
+    [(-0x1000, 0x1000)],
+])
+def test_bad_ranges_rejected(ranges):
+    with pytest.raises(GuestMemoryError):
+        GuestMemory.from_ranges(ranges)
+
+
+def test_size_is_not_regions():
+    with pytest.raises(TypeError, match="guest_ram"):
+        GuestMemory(16 * MiB)               # type: ignore[arg-type]
+
+
+def test_guest_memory_is_the_device_access_interface(mem):
+    assert isinstance(mem, GuestMemoryAccess)
+    assert GuestMemoryError is devices.memory.GuestMemoryError
+
+
+def _memfd_backing(size: int) -> mmap.mmap:
+    fd = os.memfd_create("guest-ram", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, size)
+        return mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    finally:
+        os.close(fd)                        # the mapping keeps the memory
+
+
+def test_memfd_backing_shares_pages_with_another_mapping():
+    # RAM another process can map (vhost-user): a shared backing instead of anonymous memory.
+    fd = os.memfd_create("guest-ram", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, 0x3000)
+        backing = lambda size: mmap.mmap(fd, size, mmap.MAP_SHARED,  # noqa: E731
+                                         mmap.PROT_READ | mmap.PROT_WRITE)
+        with GuestMemory.from_ranges([(0, 0x3000)], backing=backing) as m:
+            m.write(0x1234, b"shared")
+            assert os.pread(fd, 6, 0x1234) == b"shared"
+            os.pwrite(fd, b"back", 0x2000)
+            assert m.read(0x2000, 4) == b"back"
+    finally:
+        os.close(fd)
+    with GuestMemory.from_ranges([(0, 0x2000)], backing=_memfd_backing) as m:
+        m.write_u64(0x1000, 7)
+        assert m.read_u64(0x1000) == 7
+
+
+def test_region_from_an_fd_at_an_offset():
+    # What a vhost-user backend gets: (fd, offset, size) per region, placed at a guest address.
+    fd = os.memfd_create("frontend-ram", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, 0x4000)
+        os.pwrite(fd, b"second half", 0x2000)
+        region = MemoryRegion(0x100000, mmap.mmap(fd, 0x2000, mmap.MAP_SHARED,
+                                                  mmap.PROT_READ | mmap.PROT_WRITE, offset=0x2000))
+        with GuestMemory([region]) as m:
+            assert m.read(0x100000, 11) == b"second half"
+            assert not m.contains(0xFF000)
+            assert m.regions[0].host_addr != 0
+    finally:
+        os.close(fd)
+
+
+def test_close_is_idempotent():
+    m = GuestMemory.from_ranges([(0, 0x1000)])
+    m.close()
+    m.close()
+    assert m.regions[0].mapping.closed
+
+
+def test_a_region_need_not_be_page_sized_but_vm_ram_must():
+    # A peer-described region (vhost-user) is whatever the peer says; RAM we give KVM is whole pages.
+    with GuestMemory([MemoryRegion(0x10, mmap.mmap(-1, 0x30))]) as m:
+        m.write(0x3C, b"abcd")
+        assert m.read(0x3C, 4) == b"abcd" and not m.contains(0x3D, 4) and not m.contains(0xC, 8)
+    with pytest.raises(GuestMemoryError):
+        MemoryRegion((1 << 64) - 0x10, mmap.mmap(-1, 0x20))

@@ -6,14 +6,15 @@ import os
 
 import pytest
 
+from devices.memory import GuestMemory
 from devices.virtio.chain import ChainReader, ChainWriter
 from devices.virtio.queue import Queue
 from fuse.io import BufferTooSmall, BytesWriter, Reader, Writer
-from tests.fakes import FakeDriverQueue, FakeGuestMemory
+from tests.fakes import FakeDriverQueue
 
 
 def chain_of(readable: list[bytes], writable: list[int], *, size: int = 16, indirect: bool = False):
-    mem = FakeGuestMemory(4 << 20)
+    mem = GuestMemory.from_ranges([(0, 4 << 20)])
     drv = FakeDriverQueue(mem, size, 0x1000, 0x40000)
     q = Queue(mem, size, drv.desc, drv.avail, drv.used, False, indirect=True)
     _, outs = drv.add_chain(readable, writable, indirect=indirect)

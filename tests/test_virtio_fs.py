@@ -16,6 +16,7 @@ import threading
 
 import pytest
 
+from devices.memory import GuestMemory
 from devices.virtio.device import VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_NEEDS_RESET
 from devices.virtio.fs.device import FsDevice, config_space
 from devices.virtio.fs.options import FsOptions
@@ -26,7 +27,7 @@ from devices.virtio.mmio import MmioTransport
 from devices.virtio.queue import VRING_DESC_F_NEXT, Queue
 from fuse import abi
 from fuse.server import Server
-from tests.fakes import FakeDriverQueue, FakeGuestMemory, MmioDriver
+from tests.fakes import FakeDriverQueue, MmioDriver
 
 MEM = 16 << 20
 WAIT_S = 30  # a bound on waiting for the worker, not a timing assertion
@@ -45,7 +46,7 @@ class Guest:
     """The guest side: fake virtio-fs driver over the transport, speaking FUSE on the queues."""
 
     def __init__(self, options: FsOptions, fs_factory=None) -> None:
-        self.mem = FakeGuestMemory(MEM)
+        self.mem = GuestMemory.from_ranges([(0, MEM)])
         self.irq = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.dev = FsDevice(options, fs_factory)
         self.t = MmioTransport(self.dev, self.mem, self.irq)
@@ -335,7 +336,7 @@ class RaisingServer(Server):
 
 
 def test_worker_survives_a_raising_server(share):
-    mem = FakeGuestMemory(MEM)
+    mem = GuestMemory.from_ranges([(0, MEM)])
     irq = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
     evt = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
     drv = FakeDriverQueue(mem, 16, 0x1000, 0x100000)

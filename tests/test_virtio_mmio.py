@@ -7,6 +7,7 @@ import os
 import pytest
 
 from devices.bus_device import BusDevice
+from devices.memory import GuestMemory
 from devices.virtio.device import (
     BASE_FEATURES,
     VIRTIO_CONFIG_S_ACKNOWLEDGE as ACK,
@@ -21,7 +22,7 @@ from devices.virtio.device import (
 from devices.virtio.interrupt import VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING
 from devices.virtio.mmio import MmioTransport
 from devices.virtio.queue import VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC
-from tests.fakes import FakeGuestMemory, MmioDriver
+from tests.fakes import MmioDriver
 
 DEVICE_BIT = 1 << 3  # a device-specific feature the test device offers
 
@@ -56,7 +57,7 @@ class RecordingDevice(VirtioDevice):
 def env():
     irq = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
     dev = RecordingDevice()
-    t = MmioTransport(dev, FakeGuestMemory(1 << 20), irq)
+    t = MmioTransport(dev, GuestMemory.from_ranges([(0, 1 << 20)]), irq)
     yield t, dev, MmioDriver(t), irq
     t.close()
     os.close(irq)
@@ -296,7 +297,7 @@ def test_close_resets_and_closes_eventfds():
     irq = os.eventfd(0)
     before = _fds()
     dev = RecordingDevice()
-    t = MmioTransport(dev, FakeGuestMemory(1 << 20), irq)
+    t = MmioTransport(dev, GuestMemory.from_ranges([(0, 1 << 20)]), irq)
     assert len(_fds() - before) == 2
     MmioDriver(t).bring_up()
     t.close()
@@ -312,4 +313,4 @@ def test_device_without_version_1_is_rejected():
             return DEVICE_BIT
 
     with pytest.raises(ValueError):
-        MmioTransport(Legacy(), FakeGuestMemory(4096), -1)
+        MmioTransport(Legacy(), GuestMemory.from_ranges([(0, 4096)]), -1)

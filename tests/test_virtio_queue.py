@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from devices.memory import GuestMemory
 from devices.virtio.queue import (
     InvalidChain,
     Queue,
@@ -15,7 +16,7 @@ from devices.virtio.queue import (
     VRING_DESC_F_NEXT,
     VRING_DESC_F_WRITE,
 )
-from tests.fakes import FakeDriverQueue, FakeGuestMemory
+from tests.fakes import FakeDriverQueue
 
 MEM = 1 << 20
 RING_BASE = 0x1000
@@ -23,7 +24,7 @@ HEAP = 0x10000
 
 
 def make(size: int = 16, *, event_idx: bool = False, indirect: bool = True):
-    mem = FakeGuestMemory(MEM)
+    mem = GuestMemory.from_ranges([(0, MEM)])
     drv = FakeDriverQueue(mem, size, RING_BASE, HEAP)
     q = Queue(mem, size, drv.desc, drv.avail, drv.used, event_idx, indirect=indirect)
     return mem, drv, q
@@ -189,7 +190,7 @@ def _malformed_cases(drv: FakeDriverQueue) -> dict[str, tuple[dict, int, str]]:
     }
 
 
-_CASES = list(_malformed_cases(FakeDriverQueue(FakeGuestMemory(MEM), 16, RING_BASE, HEAP)))
+_CASES = list(_malformed_cases(FakeDriverQueue(GuestMemory.from_ranges([(0, MEM)]), 16, RING_BASE, HEAP)))
 
 
 @pytest.mark.parametrize("case", _CASES)
@@ -211,7 +212,7 @@ def test_malformed_chain_raises_invalid_chain_and_queue_continues(case):
 
 def test_total_length_overflowing_32_bits_is_invalid():
     # 1024 in-memory descriptors of 4 MiB each add up to exactly 2**32 bytes.
-    mem = FakeGuestMemory(6 << 20)
+    mem = GuestMemory.from_ranges([(0, 6 << 20)])
     drv = FakeDriverQueue(mem, 16, RING_BASE, 5 << 20)
     q = Queue(mem, 16, drv.desc, drv.avail, drv.used, False, indirect=True)
     table = drv.alloc(16 * 1024)
@@ -230,7 +231,7 @@ def test_indirect_rejected_when_not_negotiated():
 
 
 def test_descriptor_crossing_region_boundary_is_invalid():
-    mem = FakeGuestMemory(regions=[(0, 0x20000), (0x20000, 0x10000)])
+    mem = GuestMemory.from_ranges([(0, 0x20000), (0x20000, 0x10000)])
     drv = FakeDriverQueue(mem, 8, RING_BASE, HEAP)
     q = Queue(mem, 8, drv.desc, drv.avail, drv.used, False)
     drv.add_raw({0: (0x20000 - 4, 8, 0, 0)}, 0)
@@ -249,7 +250,7 @@ def test_descriptor_crossing_region_boundary_is_invalid():
     (16, 0x1000, 0x2000, MEM),
 ])
 def test_queue_layout_validation(size, desc, avail, used):
-    mem = FakeGuestMemory(MEM)
+    mem = GuestMemory.from_ranges([(0, MEM)])
     with pytest.raises(QueueConfigError):
         Queue(mem, size, desc, avail, used, False)
 

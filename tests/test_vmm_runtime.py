@@ -9,11 +9,11 @@ import threading
 
 import pytest
 
-from tests.fakes import FakeGuestMemory
 from fuse.metrics import Metrics
 from vmm.console import MAX_LINE, ConsoleSink
 from vmm.control import ControlServer, request
 from vmm.diagnostics import translate
+from vmm.memory import GuestMemory
 from vmm.vcpu import Stop, StopReason
 
 
@@ -98,7 +98,7 @@ def test_control_socket_rejects_garbage_and_refuses_a_live_path(tmp_path):
 
 
 def test_translate_walks_4k_and_2m_pages():
-    mem = FakeGuestMemory(4 << 20)
+    mem = GuestMemory.from_ranges([(0, 4 << 20)])
     pml4, pdpt, pd, pt = 0x1000, 0x2000, 0x3000, 0x4000
     va_4k = 0xFFFF_8880_0020_3123
     va_2m = 0xFFFF_8880_0040_0456

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 
+from devices.memory import GuestMemoryAccess
+
 log = logging.getLogger(__name__)
 
 PAGE_PRESENT = 1 << 0
@@ -23,7 +25,7 @@ GPRS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
         "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip", "rflags")
 
 
-def translate(memory, cr3: int, vaddr: int, levels: int = 4) -> int | None:
+def translate(memory: GuestMemoryAccess, cr3: int, vaddr: int, levels: int = 4) -> int | None:
     """Walk x86-64 page tables in guest memory; None if unmapped or the tables are outside RAM."""
     table = cr3 & ADDR_MASK
     for level in range(levels, 0, -1):
@@ -42,7 +44,7 @@ def translate(memory, cr3: int, vaddr: int, levels: int = 4) -> int | None:
     return table | (vaddr & 0xFFF)
 
 
-def instruction_bytes(memory, sregs, rip: int) -> bytes | None:
+def instruction_bytes(memory: GuestMemoryAccess, sregs, rip: int) -> bytes | None:
     if not sregs.cr0 & CR0_PG:
         phys = rip
     elif sregs.efer & EFER_LMA:
@@ -64,7 +66,7 @@ def instruction_bytes(memory, sregs, rip: int) -> bytes | None:
     return bytes(out)
 
 
-def describe_vcpu(vcpu, memory) -> str:
+def describe_vcpu(vcpu, memory: GuestMemoryAccess) -> str:
     """Never raises: a diagnostic that fails must not hide the original problem."""
     lines = []
     try:

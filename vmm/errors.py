@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import errno
 
-
-EXIT_USAGE = 2
-EXIT_FAILURE = 1
+from .exit_status import EXIT_FAILURE, EXIT_USAGE
 
 
 def user_error(exc: BaseException) -> tuple[str, int] | None:

@@ -3,9 +3,17 @@
 Every address the VMM, the boot code, the ACPI tables and the devices agree on lives here, so a
 change (say, a bigger command line) cannot leave one of them behind.  The values follow what
 Firecracker / cloud-hypervisor use for a direct-boot x86_64 Linux guest; comments say why.
+
+Devices never import this module (layers point downward: vmm -> devices): the VMM places them by
+passing these addresses in.  What is intrinsic to a device -- how many ports or bytes its registers
+span -- is defined by the device and only named here, so the map and the device cannot disagree.
 """
 
 from __future__ import annotations
+
+from devices import acpi_pm, i8042, serial
+from devices.virtio import mmio as virtio_mmio
+from kvm_sys import bindings as kb
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -17,7 +25,7 @@ GDT_ADDR = 0x500              # boot GDT: null, 64-bit code, data, TSS descripto
 GDT_ENTRIES = 4
 IDT_ADDR = 0x520              # empty IDT (limit 7): any exception before the kernel's IDT -> triple fault
 ZERO_PAGE_ADDR = 0x7000       # struct boot_params ("zero page"); RSI points here at the 64-bit entry
-ZERO_PAGE_SIZE = 0x1000
+ZERO_PAGE_SIZE = 0x1000       # sizeof(struct boot_params)
 BOOT_STACK_POINTER = 0x8FF0   # RSP/RBP at entry: just below the page tables, above the zero page
 PML4_ADDR = 0x9000            # identity page tables: PML4 -> PDPT -> (PDs) ...
 PDPT_ADDR = 0xA000
@@ -33,7 +41,8 @@ EBDA_START = 0x9FC00
 HIGH_MEMORY_START = 0x100000  # 1 MiB: usual RAM starts again here
 ACPI_TABLES_ADDR = 0xE0000    # RSDP (Linux scans 0xE0000-0xFFFFF for "RSD PTR ") then XSDT/FADT/...
 ACPI_TABLES_SIZE = 0x20000    # up to 1 MiB; all inside the reserved range above
-RSDP_ADDR = ACPI_TABLES_ADDR
+ACPI_TABLES_END = ACPI_TABLES_ADDR + ACPI_TABLES_SIZE
+RSDP_ADDR = ACPI_TABLES_ADDR  # where the RSDP goes: found by the scan even without acpi_rsdp_addr
 
 # ---- the kernel ------------------------------------------------------------------------------
 KERNEL_LOAD_ADDR = 0x1000000  # 16 MiB = LOAD_PHYSICAL_ADDR of a default x86_64 kernel
@@ -45,31 +54,31 @@ MMIO_HOLE_START = 3 * GiB     # RAM above this is relocated to HIGH_RAM_START
 MMIO_HOLE_END = 4 * GiB
 HIGH_RAM_START = MMIO_HOLE_END
 
-# virtio-mmio transports: one 4 KiB window each, interrupts from GSI 5 up (kernel cmdline
-# "virtio_mmio.device=4K@0xd0000000:5"); 5.. avoids the legacy ISA lines in use (1, 4, 8, 12...)
+# virtio-mmio transports: one register window each (4 KiB, the transport's size), back to back,
+# interrupts from GSI 5 up (kernel cmdline "virtio_mmio.device=4K@0xd0000000:5"); 5.. avoids the
+# legacy ISA lines in use (1, 4, 8, 12...)
 VIRTIO_MMIO_BASE = 0xD0000000
-VIRTIO_MMIO_SIZE = 0x1000
-VIRTIO_MMIO_STRIDE = 0x1000
+VIRTIO_MMIO_SIZE = virtio_mmio.MMIO_SIZE
+VIRTIO_MMIO_STRIDE = VIRTIO_MMIO_SIZE
 VIRTIO_FIRST_GSI = 5
-VIRTIO_GSI_BASE = VIRTIO_FIRST_GSI
 VIRTIO_MAX_DEVICES = 16       # GSI 5..20 stay below the IOAPIC's 24 pins
 
 IOAPIC_ADDR = 0xFEC00000      # in-kernel IOAPIC (KVM_CREATE_IRQCHIP), also in the MADT
-IOAPIC_PINS = 24
-LAPIC_ADDR = 0xFEE00000       # in-kernel local APIC base (default IA32_APIC_BASE)
+IOAPIC_PINS = kb.KVM_IOAPIC_NUM_PINS
+LAPIC_ADDR = 0xFEE00000       # in-kernel local APIC base (default IA32_APIC_BASE), also in the MADT
 TSS_ADDR = 0xFFFBD000         # KVM_SET_TSS_ADDR: 3 pages KVM needs on VMX, inside the hole, unused
 IDENTITY_MAP_ADDR = 0xFFFBC000   # KVM_SET_IDENTITY_MAP_ADDR (one page just below the TSS)
 
 # ---- legacy ports and their ISA IRQs --------------------------------------------------------
 COM1_PORT = 0x3F8
-COM1_PORT_SIZE = 8
+COM1_PORT_SIZE = serial.IO_SIZE
 COM1_IRQ = 4
 I8042_DATA_PORT = 0x60
-I8042_CMD_PORT = 0x64         # write 0xFE here = CPU reset (Linux reboot=k)
+I8042_CMD_PORT = I8042_DATA_PORT + i8042.COMMAND_PORT_OFFSET   # 0x64: 0xFE here = CPU reset (reboot=k)
+I8042_PORT_SIZE = i8042.IO_SIZE   # 0x60..0x64 as one range
 I8042_IRQ = 1
-ACPI_PM_PORT = 0x600          # PM1a event/control block base (FADT); S5 write there = power off
-ACPI_PM_PORT_SIZE = 8
-ACPI_SCI_IRQ = 9
+ACPI_PM_PORT = 0x600          # sleep control/status and reset register (FADT); S5 write = power off
+ACPI_PM_PORT_SIZE = acpi_pm.IO_SIZE
 
 
 def virtio_mmio_addr(index: int) -> int:
@@ -86,8 +95,6 @@ def virtio_gsi(index: int) -> int:
     return VIRTIO_FIRST_GSI + index
 
 
-# e820 types (boot.rst / ACPI spec)
+# e820 types (boot.rst / ACPI spec) of the entries the zero page uses
 E820_RAM = 1
 E820_RESERVED = 2
-E820_ACPI = 3
-E820_NVS = 4

@@ -4,6 +4,8 @@ The order follows what KVM and Linux need: irqchip and PIT before vCPUs, memory 
 kernel is loaded, devices on the buses before the command line that announces them, CPU state last.
 Every resource is registered with an ExitStack as it is created, so an error at any step (or
 Ctrl-C) releases what was made so far: threads joined, eventfds and KVM fds closed, memory unmapped.
+`_build` makes the whole VM without starting anything; `_run_vcpus` starts the vCPUs and waits for
+the first stop request. Which process exit status a run gets is decided in vmm/exit_status.py.
 """
 
 from __future__ import annotations
@@ -19,37 +21,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Callable
 
-from devices.acpi_pm import ACPI_PM_IO_SIZE, AcpiPmDevice
+from devices.acpi_pm import AcpiPmDevice
 from devices.i8042 import I8042
 from devices.serial import Serial
 from devices.virtio.fs.device import FsDevice
-from devices.virtio.mmio import MmioTransport
-from kvm_sys import Kvm
+from devices.virtio.mmio import VIRTIO_MMIO_QUEUE_NOTIFY, MmioTransport
+from kvm_sys import Kvm, Vm
 from kvm_sys import bindings as kb
 from guest.initramfs import build_initramfs
 
 from . import layout
 from .acpi import build_acpi_tables
-from .boot import load_kernel
+from .boot import BootInfo, load_kernel
 from .boot.cpu import configure_vcpu
 from .bus import Bus
 from .config import Config
 from .console import ConsoleSink
-from .memory import GuestMemory
+from .exit_status import run_exit_status
+from .memory import GuestMemory, guest_ram
 from .vcpu import Stop, StopReason, VcpuThread, describe_thread
 
 log = logging.getLogger(__name__)
 
-# Process exit statuses for runs where the agent did not report one (documented in the README).
-EXIT_GUEST_PANIC = 110
-EXIT_EMULATION_FAILURE = 111
-EXIT_NO_STATUS = 112
-EXIT_VCPU_ERROR = 113
-EXIT_TIMEOUT = 124
-EXIT_SIGINT = 130
-EXIT_SIGTERM = 143
-
-VIRTIO_MMIO_QUEUE_NOTIFY = 0x50
 KVM_PVM_SYSFS = Path("/sys/module/kvm_pvm")
 
 BASE_CMDLINE = "console=ttyS0 reboot=k panic=-1 quiet"
@@ -59,6 +52,9 @@ BASE_CMDLINE = "console=ttyS0 reboot=k panic=-1 quiet"
 KVM_PVM_CMDLINE = ("noxsave clearcpuid=cx16,popcnt,rdrand,rdseed,fsgsbase,rdpid,smap,smep,pcid,"
                    "invpcid,bmi1,bmi2,movbe mitigations=off nopti")
 SCRIPT_PATH = "pyvmm/script"
+# The window size as the kernel's memparse() reads it in virtio_mmio.device=<size>@<base>:<irq>.
+VIRTIO_MMIO_CMDLINE_SIZE = (f"{layout.VIRTIO_MMIO_SIZE // layout.KiB}K"
+                            if layout.VIRTIO_MMIO_SIZE % layout.KiB == 0 else str(layout.VIRTIO_MMIO_SIZE))
 
 
 @dataclass
@@ -75,6 +71,15 @@ class RunResult:
     @property
     def steps(self):
         return self.console.parser.steps
+
+
+@dataclass
+class _Built:
+    """What `Machine._build` made and `Machine._run_vcpus` needs (everything else lives on the stack)."""
+
+    threads: list[VcpuThread]
+    sink: ConsoleSink
+    serial: Serial
 
 
 def on_kvm_pvm() -> bool:
@@ -146,7 +151,8 @@ class Machine:
             log.debug("kvm_pvm detected: adding %s", KVM_PVM_CMDLINE)
             parts.append(KVM_PVM_CMDLINE)
         if self.config.vm.discovery in ("cmdline", "both"):
-            parts += [f"virtio_mmio.device=4K@{base:#x}:{gsi}" for base, gsi in devices]
+            parts += [f"virtio_mmio.device={VIRTIO_MMIO_CMDLINE_SIZE}@{base:#x}:{gsi}"
+                      for base, gsi in devices]
         if self.config.kernel.cmdline:
             parts.append(self.config.kernel.cmdline)
         return " ".join(parts)
@@ -167,14 +173,15 @@ class Machine:
         kernel = self.kernel_path()
         timings: dict[str, float] = {"kernel_ready_s": time.monotonic() - started}
         with contextlib.ExitStack() as stack:
-            sink = self._assemble_and_run(stack, kernel, started, timings)
+            built = self._build(stack, kernel)
+            self._run_vcpus(stack, built, started, timings)
             stop = self._stop or Stop(StopReason.VCPU_ERROR, "no stop reason")
             metrics = self.device_metrics()
         timings["total_s"] = time.monotonic() - started
-        return self._result(stop, sink, metrics, timings)
+        return self._result(stop, built.sink, metrics, timings)
 
-    def _assemble_and_run(self, stack: contextlib.ExitStack, kernel: Path, started: float,
-                          timings: dict[str, float]) -> ConsoleSink:
+    def _build(self, stack: contextlib.ExitStack, kernel: Path) -> _Built:
+        """Create the VM, its memory, devices and vCPUs (not started), each resource on `stack`."""
         cfg = self.config
         kvm = stack.enter_context(Kvm())
         vm = kvm.create_vm()
@@ -184,36 +191,25 @@ class Machine:
         vm.create_irqchip()
         vm.create_pit2(kb.KVM_PIT_SPEAKER_DUMMY)
 
-        memory = GuestMemory(cfg.vm.memory_mib << 20)
+        memory = guest_ram(cfg.vm.memory_mib << 20)
         stack.callback(memory.close)
         memory.register(vm)
 
         pio = Bus("pio")
         mmio = Bus("mmio")
-        log_file = None
-        if cfg.serial.log is not None:
-            log_file = stack.enter_context(open(cfg.serial.log, "ab"))
-        sink = ConsoleSink(self.output, log_file, on_line=self.on_console_line)
-        serial = Serial(sink, irq=lambda: (vm.irq_line(layout.COM1_IRQ, 1),
-                                           vm.irq_line(layout.COM1_IRQ, 0)))
-        pio.insert(layout.COM1_PORT, 8, serial, "com1")
-        pio.insert(layout.I8042_DATA_PORT, 5, I8042(
-            lambda: self.request_stop(Stop(StopReason.GUEST_RESET))), "i8042")
-
+        sink, serial = self._add_legacy_devices(stack, vm, pio)
         announced = self._add_fs_devices(stack, vm, memory, mmio)
         rsdp = self._add_acpi(memory, pio, announced)
         self.cmdline = self.build_cmdline(announced, acpi=rsdp is not None)
         boot = load_kernel(memory, kernel, self.cmdline, self.initrd(), acpi_rsdp=rsdp)
         log.debug("kernel %s (%s) entry %#x cmdline: %s", kernel, boot.kind, boot.entry, self.cmdline)
+        threads = self._add_vcpus(stack, kvm, vm, memory, pio, mmio, boot)
+        return _Built(threads=threads, sink=sink, serial=serial)
 
-        supported_cpuid = kvm.get_supported_cpuid()
-        threads: list[VcpuThread] = []
-        for index in range(cfg.vm.vcpus):
-            vcpu = vm.create_vcpu(index)
-            stack.callback(vcpu.close)
-            configure_vcpu(vcpu, supported_cpuid, index, cfg.vm.vcpus, boot)
-            threads.append(VcpuThread(vcpu, pio, mmio, memory, self.request_stop, self.stopping))
-
+    def _run_vcpus(self, stack: contextlib.ExitStack, built: _Built, started: float,
+                   timings: dict[str, float]) -> None:
+        """Start the vCPUs, wait for the first stop request, stop them, record timings."""
+        threads, sink = built.threads, built.sink
         stack.enter_context(self._signals())
         # Registered after the signal handlers so it runs before they are restored: the SIGUSR1
         # kick must never meet the default action (which would kill the VMM).
@@ -221,12 +217,12 @@ class Machine:
         if self.control_path:
             from .control import ControlServer
             stack.enter_context(ControlServer(self.control_path, self))
-        stack.enter_context(self._stdin_to(serial))
+        stack.enter_context(self._stdin_to(built.serial))
         sink.start = started
         timings["setup_s"] = time.monotonic() - started
         for t in threads:
             t.start()
-        self._wait(cfg.guest.timeout, sink)
+        self._wait(self.config.guest.timeout, sink)
         sink.flush()
         self._stop_threads(threads)
         timings["exits"] = sum(t.exits for t in threads)
@@ -239,9 +235,37 @@ class Machine:
             timings["to_agent_s"] = sink.first_agent_line_at - started
         if sink.exit_line_at is not None:
             timings["to_exit_line_s"] = sink.exit_line_at - started
-        return sink
 
-    def _add_fs_devices(self, stack: contextlib.ExitStack, vm, memory, mmio: Bus
+    def _add_legacy_devices(self, stack: contextlib.ExitStack, vm: Vm, pio: Bus
+                            ) -> tuple[ConsoleSink, Serial]:
+        """COM1 (the console, with its sink) and the i8042 reset line."""
+        log_file = None
+        if self.config.serial.log is not None:
+            log_file = stack.enter_context(open(self.config.serial.log, "ab"))
+        sink = ConsoleSink(self.output, log_file, on_line=self.on_console_line)
+
+        def pulse_com1_irq() -> None:
+            vm.irq_line(layout.COM1_IRQ, 1)
+            vm.irq_line(layout.COM1_IRQ, 0)
+
+        serial = Serial(sink, irq=pulse_com1_irq)
+        pio.insert(layout.COM1_PORT, layout.COM1_PORT_SIZE, serial, "com1")
+        pio.insert(layout.I8042_DATA_PORT, layout.I8042_PORT_SIZE, I8042(
+            lambda: self.request_stop(Stop(StopReason.GUEST_RESET))), "i8042")
+        return sink, serial
+
+    def _add_vcpus(self, stack: contextlib.ExitStack, kvm: Kvm, vm: Vm, memory: GuestMemory,
+                   pio: Bus, mmio: Bus, boot: BootInfo) -> list[VcpuThread]:
+        supported_cpuid = kvm.get_supported_cpuid()
+        threads: list[VcpuThread] = []
+        for index in range(self.config.vm.vcpus):
+            vcpu = vm.create_vcpu(index)
+            stack.callback(vcpu.close)
+            configure_vcpu(vcpu, supported_cpuid, index, self.config.vm.vcpus, boot)
+            threads.append(VcpuThread(vcpu, pio, mmio, memory, self.request_stop, self.stopping))
+        return threads
+
+    def _add_fs_devices(self, stack: contextlib.ExitStack, vm: Vm, memory: GuestMemory, mmio: Bus
                         ) -> list[tuple[int, int]]:
         announced = []
         for i, options in enumerate(self.config.devices):
@@ -263,7 +287,7 @@ class Machine:
             announced.append((base, gsi))
         return announced
 
-    def _add_acpi(self, memory, pio: Bus, announced: list[tuple[int, int]]) -> int | None:
+    def _add_acpi(self, memory: GuestMemory, pio: Bus, announced: list[tuple[int, int]]) -> int | None:
         if not self.uses_acpi():
             return None
         described = []
@@ -273,7 +297,7 @@ class Machine:
         # controller (reboot=k writes port 0x64 directly and needs no driver).
         tables = build_acpi_tables(self.config.vm.vcpus, described, i8042=False)
         tables.write_to(memory)
-        pio.insert(layout.ACPI_PM_PORT, ACPI_PM_IO_SIZE, AcpiPmDevice(
+        pio.insert(layout.ACPI_PM_PORT, layout.ACPI_PM_PORT_SIZE, AcpiPmDevice(
             on_poweroff=lambda: self.request_stop(Stop(StopReason.GUEST_POWEROFF)),
             on_reset=lambda: self.request_stop(Stop(StopReason.GUEST_RESET))), "acpi-pm")
         return tables.rsdp_addr
@@ -350,33 +374,7 @@ class Machine:
 
     # ------------------------------------------------------------------ result
     def _result(self, stop: Stop, sink: ConsoleSink, metrics: dict, timings: dict) -> RunResult:
-        parser = sink.parser
-        status = parser.exit_status
-        message = ""
-        panics = [f for f in parser.faults if "Kernel panic" in f]
-        if parser.faults and not panics:
-            # BUG:/Oops lines: the guest kernel went on; report them but keep the agent's verdict.
-            message = "guest kernel reported: " + "; ".join(parser.faults[:3]) + "\n"
-        if panics or (parser.faults and status is None):
-            exit_status = EXIT_GUEST_PANIC
-            message = f"guest kernel panic: {(panics or parser.faults)[0]}"
-        elif stop.reason is StopReason.INTERNAL_ERROR:
-            exit_status = EXIT_EMULATION_FAILURE
-            message = f"{stop.reason.value}: {stop.detail}"
-        elif stop.reason is StopReason.TIMEOUT:
-            exit_status = EXIT_TIMEOUT
-            message = f"guest {stop.reason.value}: {stop.detail}"
-        elif stop.reason is StopReason.SIGNAL:
-            exit_status = EXIT_SIGTERM if stop.detail == "SIGTERM" else EXIT_SIGINT
-            message = f"{stop.reason.value} ({stop.detail})"
-        elif status is not None:
-            exit_status = status
-            message = message.rstrip()
-        elif stop.reason in (StopReason.VCPU_ERROR, StopReason.FAIL_ENTRY):
-            exit_status = EXIT_VCPU_ERROR
-            message = f"{stop.reason.value}: {stop.detail}"
-        else:
-            exit_status = EXIT_NO_STATUS
-            message = f"guest stopped ({stop.reason.value}) without an agent exit status"
-        return RunResult(exit_status=exit_status, stop=stop, agent_status=status, console=sink,
-                         metrics=metrics, timings=timings, message=message, cmdline=self.cmdline)
+        exit_status, message = run_exit_status(stop, sink.parser)
+        return RunResult(exit_status=exit_status, stop=stop, agent_status=sink.parser.exit_status,
+                         console=sink, metrics=metrics, timings=timings, message=message,
+                         cmdline=self.cmdline)

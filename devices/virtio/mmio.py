@@ -20,6 +20,7 @@ import struct
 import threading
 from dataclasses import dataclass
 
+from devices.memory import GuestMemoryAccess
 from devices.virtio.device import (
     LogOnce,
     VIRTIO_CONFIG_S_ACKNOWLEDGE,
@@ -116,7 +117,7 @@ class MmioTransport:
 
     size = MMIO_SIZE
 
-    def __init__(self, device: VirtioDevice, memory, irq_fd: int) -> None:
+    def __init__(self, device: VirtioDevice, memory: GuestMemoryAccess, irq_fd: int) -> None:
         self.device = device
         self.memory = memory
         self.interrupt = Interrupt(irq_fd)

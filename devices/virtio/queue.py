@@ -11,6 +11,16 @@ not reordered with loads and stores not with stores, and every guest-memory acce
 C call (struct/memoryview), so program order is kept for those. The one reordering x86 allows is a
 later load passing an earlier store; the two places that need store->load order (publishing
 avail_event / the used index, then reading the driver's flags or index) go through `_full_fence()`.
+
+Ring indices cannot tear. The driver updates avail->idx with one aligned 16-bit store (and reads
+used->idx the same way), and so do we: `Queue()` checks the rings' alignment (available ring 2 bytes,
+used ring 4), so every 16-bit field sits at an even address, and `_U16` ("<H") on a little-endian host
+is served by CPython's native unpack/pack functions (the struct module swaps them into its
+little-endian table when the sizes match), each a fixed-size 2-byte memcpy that compiles to a single
+16-bit load or store (`movzwl` / `movw` in this host's _struct module). Aligned 16-bit accesses are
+atomic on x86 (Intel SDM vol. 3A, "Guaranteed Atomic Operations"), so we read the old index or the new one, never a mix of their
+bytes; an old one is harmless, as the next notification (or the EVENT_IDX re-check in `pop`) reads it
+again.
 """
 
 from __future__ import annotations
@@ -19,6 +29,8 @@ import logging
 import struct
 import threading
 from dataclasses import dataclass, field
+
+from devices.memory import GuestMemoryAccess
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +130,7 @@ class Queue:
     pop/add_used at a time (the device's worker); no internal locking.
     """
 
-    def __init__(self, memory, size: int, desc_table: int, avail_ring: int, used_ring: int,
+    def __init__(self, memory: GuestMemoryAccess, size: int, desc_table: int, avail_ring: int, used_ring: int,
                  event_idx: bool, *, indirect: bool = False) -> None:
         if size <= 0 or size > MAX_QUEUE_SIZE or size & (size - 1):
             raise QueueConfigError(f"queue size {size} is not a power of two in 1..{MAX_QUEUE_SIZE}")

@@ -3,19 +3,21 @@
 The VMM calls `build_acpi_tables(vcpus, virtio_devices)` and writes the result into guest memory with
 `AcpiTables.write_to(memory)`; the zero page's `acpi_rsdp_addr` gets `AcpiTables.rsdp_addr`.
 
-Placement: everything lives in [ACPI_AREA_START, ACPI_AREA_END) = [0xE0000, 0x100000), the legacy
-BIOS area. The RSDP sits at 0xE0000 (where Linux also finds it by scanning, even without
-acpi_rsdp_addr), the tables follow it, 16-byte aligned. Keeping clear of [0x9FC00, 0xA0000) leaves
-the EBDA / MP-table area to the VMM. The VMM must mark the range reserved in the e820 map (Linux never
-uses 640K-1M as RAM anyway, but saying so keeps the tables safe from any reading of the map).
+Placement: everything lives in [layout.ACPI_TABLES_ADDR, layout.ACPI_TABLES_END) = [0xE0000,
+0x100000), the legacy BIOS area. The RSDP sits at layout.RSDP_ADDR = 0xE0000 (where Linux also finds
+it by scanning, even without acpi_rsdp_addr), the tables follow it, 16-byte aligned. Keeping clear of
+[0x9FC00, 0xA0000) leaves the EBDA / MP-table area to the VMM. The VMM must mark the range reserved
+in the e820 map (Linux never uses 640K-1M as RAM anyway, but saying so keeps the tables safe from any
+reading of the map).
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Protocol
 
+from devices.memory import GuestMemoryAccess
+from vmm import layout
 from vmm.acpi.dsdt import VirtioMmioWindow, build_dsdt
 from vmm.acpi.fadt import build_fadt
 from vmm.acpi.madt import MAX_VCPUS, build_madt
@@ -24,23 +26,13 @@ from vmm.acpi.xsdt import build_xsdt
 
 logger = logging.getLogger(__name__)
 
-ACPI_AREA_START = 0xE0000
-ACPI_AREA_END = 0x100000
-RSDP_ADDR = ACPI_AREA_START
 TABLE_ALIGN = 16
 
 __all__ = [
-    "ACPI_AREA_END",
-    "ACPI_AREA_START",
-    "RSDP_ADDR",
     "AcpiTables",
     "TableArena",
     "build_acpi_tables",
 ]
-
-
-class _WritableMemory(Protocol):
-    def write(self, gpa: int, data: bytes) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -52,7 +44,7 @@ class AcpiTables:
     # Signature ("RSD PTR ", "DSDT", "FACP", "APIC", "XSDT") -> (gpa, bytes), for logs and tests.
     tables: dict[str, tuple[int, bytes]] = field(default_factory=dict)
 
-    def write_to(self, memory: _WritableMemory) -> None:
+    def write_to(self, memory: GuestMemoryAccess) -> None:
         """Copy every table into guest memory (raises the memory's ValueError if the area is not RAM)."""
         for gpa, data in self.blobs:
             memory.write(gpa, data)
@@ -107,17 +99,17 @@ def build_acpi_tables(
             raise ValueError(f"virtio device {i}: expected integers, got {dev!r}")
         windows.append(VirtioMmioWindow(base, size, gsi))
 
-    arena = TableArena(_align_up(RSDP_ADDR + RSDP_SIZE, TABLE_ALIGN), ACPI_AREA_END)
+    arena = TableArena(_align_up(layout.RSDP_ADDR + RSDP_SIZE, TABLE_ALIGN), layout.ACPI_TABLES_END)
     dsdt_addr = arena.place("DSDT", build_dsdt(windows, i8042=i8042))
     fadt_addr = arena.place("FACP", build_fadt(dsdt_addr, i8042=i8042))
     madt_addr = arena.place("APIC", build_madt(vcpus))
     xsdt_addr = arena.place("XSDT", build_xsdt([fadt_addr, madt_addr]))
     tables = dict(arena.tables)
-    tables["RSD PTR "] = (RSDP_ADDR, build_rsdp(xsdt_addr))
+    tables["RSD PTR "] = (layout.RSDP_ADDR, build_rsdp(xsdt_addr))
 
     blobs = sorted(tables.values())
     logger.debug(
         "ACPI tables: %s",
         ", ".join(f"{sig.strip()}@{addr:#x}+{len(data)}" for sig, (addr, data) in sorted(tables.items(), key=lambda kv: kv[1][0])),
     )
-    return AcpiTables(blobs=blobs, rsdp_addr=RSDP_ADDR, tables=tables)
+    return AcpiTables(blobs=blobs, rsdp_addr=layout.RSDP_ADDR, tables=tables)

@@ -14,20 +14,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from devices.acpi_pm import S5_SLP_TYP
+from vmm import layout
 from vmm.acpi import aml
-from vmm.acpi.madt import IOAPIC_NUM_PINS
 from vmm.acpi.sdt import build_sdt
 
 DSDT_REVISION = 2  # >= 2: AML integers are 64-bit
 MAX_VIRTIO_DEVICES = 1000  # names V000..V999
 
-COM1_PORT = 0x3F8
-COM1_IRQ = 4
-I8042_DATA_PORT = 0x60
-I8042_COMMAND_PORT = 0x64
-I8042_IRQ = 1
-# GSIs a virtio device must not take: 0/2 are wired to the PIT by KVM, 1 and 4 are described above.
-RESERVED_GSIS = {0: "PIT", 1: "i8042", 2: "PIT (IOAPIC pin 2)", COM1_IRQ: "COM1"}
+# GSIs a virtio device must not take: 0/2 are wired to the PIT by KVM, the i8042's and COM1's are
+# described below.
+RESERVED_GSIS = {0: "PIT", layout.I8042_IRQ: "i8042", 2: "PIT (IOAPIC pin 2)", layout.COM1_IRQ: "COM1"}
 
 
 @dataclass(frozen=True)
@@ -47,8 +43,8 @@ def validate_virtio_windows(windows: list[VirtioMmioWindow]) -> None:
     for i, w in enumerate(windows):
         if w.size <= 0 or w.base < 0 or w.base + w.size > 1 << 32:
             raise ValueError(f"virtio device {i}: window {w.base:#x}+{w.size:#x} is not a non-empty range below 4 GiB")
-        if not 0 <= w.gsi < IOAPIC_NUM_PINS:
-            raise ValueError(f"virtio device {i}: GSI {w.gsi} is not an I/O APIC pin (0..{IOAPIC_NUM_PINS - 1})")
+        if not 0 <= w.gsi < layout.IOAPIC_PINS:
+            raise ValueError(f"virtio device {i}: GSI {w.gsi} is not an I/O APIC pin (0..{layout.IOAPIC_PINS - 1})")
         if w.gsi in RESERVED_GSIS:
             raise ValueError(f"virtio device {i}: GSI {w.gsi} is used by the {RESERVED_GSIS[w.gsi]}")
         if w.gsi in seen_gsis:
@@ -73,8 +69,8 @@ def com1_aml() -> bytes:
         aml.name(
             "_CRS",
             aml.resource_template(
-                aml.interrupt([COM1_IRQ]),
-                aml.io(COM1_PORT, COM1_PORT, 0, 8),
+                aml.interrupt([layout.COM1_IRQ]),
+                aml.io(layout.COM1_PORT, layout.COM1_PORT, 0, layout.COM1_PORT_SIZE),
             ),
         ),
     )
@@ -88,9 +84,9 @@ def ps2_aml() -> bytes:
         aml.name(
             "_CRS",
             aml.resource_template(
-                aml.io(I8042_DATA_PORT, I8042_DATA_PORT, 1, 1),
-                aml.io(I8042_COMMAND_PORT, I8042_COMMAND_PORT, 1, 1),
-                aml.interrupt([I8042_IRQ]),
+                aml.io(layout.I8042_DATA_PORT, layout.I8042_DATA_PORT, 1, 1),
+                aml.io(layout.I8042_CMD_PORT, layout.I8042_CMD_PORT, 1, 1),
+                aml.interrupt([layout.I8042_IRQ]),
             ),
         ),
     )

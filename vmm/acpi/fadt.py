@@ -2,7 +2,8 @@
 
 HW_REDUCED_ACPI tells Linux there are no PM1/GPE blocks, no SCI, no 8259 PIC and no PIT to set up
 (arch/x86/kernel/acpi/boot.c `acpi_generic_reduced_hw_init`), so the only registers we describe are
-the sleep control/status pair and the reset register, all on the AcpiPmDevice port (0x600).
+the sleep control/status pair and the reset register, all on the AcpiPmDevice port
+(layout.ACPI_PM_PORT).
 
 IAPC_BOOT_ARCH (offset 109) choices:
 - bit 1 (8042) set: the VMM has an i8042 at 0x60/0x64 (for the reboot=k reset) and the DSDT describes
@@ -22,7 +23,8 @@ from __future__ import annotations
 
 import struct
 
-from devices.acpi_pm import ACPI_PM_IO_BASE, RESET_VALUE
+from devices.acpi_pm import RESET_VALUE
+from vmm import layout
 from vmm.acpi.sdt import build_sdt
 
 FADT_SIZE = 276
@@ -82,12 +84,12 @@ def build_fadt(dsdt_addr: int, *, i8042: bool = True) -> bytes:
     table = bytearray(FADT_SIZE)
     struct.pack_into("<H", table, IAPC_BOOT_ARCH_OFFSET, IAPC_BOOT_ARCH if i8042 else IAPC_BOOT_ARCH_NO_8042)
     struct.pack_into("<I", table, FLAGS_OFFSET, FLAGS)
-    table[RESET_REG_OFFSET:RESET_REG_OFFSET + GAS.size] = gas_io8(ACPI_PM_IO_BASE)
+    table[RESET_REG_OFFSET:RESET_REG_OFFSET + GAS.size] = gas_io8(layout.ACPI_PM_PORT)
     table[RESET_VALUE_OFFSET] = RESET_VALUE
     table[MINOR_REVISION_OFFSET] = FADT_MINOR_REVISION
     struct.pack_into("<Q", table, X_DSDT_OFFSET, dsdt_addr)
-    table[SLEEP_CONTROL_REG_OFFSET:SLEEP_CONTROL_REG_OFFSET + GAS.size] = gas_io8(ACPI_PM_IO_BASE)
-    table[SLEEP_STATUS_REG_OFFSET:SLEEP_STATUS_REG_OFFSET + GAS.size] = gas_io8(ACPI_PM_IO_BASE)
+    table[SLEEP_CONTROL_REG_OFFSET:SLEEP_CONTROL_REG_OFFSET + GAS.size] = gas_io8(layout.ACPI_PM_PORT)
+    table[SLEEP_STATUS_REG_OFFSET:SLEEP_STATUS_REG_OFFSET + GAS.size] = gas_io8(layout.ACPI_PM_PORT)
     table[HYPERVISOR_VENDOR_ID_OFFSET:HYPERVISOR_VENDOR_ID_OFFSET + 8] = HYPERVISOR_VENDOR_ID
     fadt = build_sdt(b"FACP", FADT_REVISION, b"PYVMFACP", bytes(table[36:]))
     assert len(fadt) == FADT_SIZE

@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import struct
 
+from vmm import layout
 from vmm.acpi.sdt import build_sdt
 
 MADT_REVISION = 6
-LOCAL_APIC_ADDRESS = 0xFEE00000
-IOAPIC_ADDRESS = 0xFEC00000
 IOAPIC_ID = 0
 IOAPIC_GSI_BASE = 0
-IOAPIC_NUM_PINS = 24  # KVM_IOAPIC_NUM_PINS
 MAX_VCPUS = 255  # APIC ids 0..254 in xAPIC mode (0xFF is broadcast)
 
 TYPE_LOCAL_APIC = 0
@@ -43,8 +41,8 @@ def build_madt(vcpus: int, *, irq0_override: bool = False, lapic_nmi: bool = Fal
     """A MADT for `vcpus` CPUs (1..255) and KVM's single I/O APIC."""
     if not 1 <= vcpus <= MAX_VCPUS:
         raise ValueError(f"vcpus must be in 1..{MAX_VCPUS}, got {vcpus}")
-    body = bytearray(struct.pack("<II", LOCAL_APIC_ADDRESS, 0))
-    body += IO_APIC.pack(TYPE_IO_APIC, IO_APIC.size, IOAPIC_ID, 0, IOAPIC_ADDRESS, IOAPIC_GSI_BASE)
+    body = bytearray(struct.pack("<II", layout.LAPIC_ADDR, 0))
+    body += IO_APIC.pack(TYPE_IO_APIC, IO_APIC.size, IOAPIC_ID, 0, layout.IOAPIC_ADDR, IOAPIC_GSI_BASE)
     if irq0_override:
         # ISA bus 0, IRQ 0 -> GSI 2, flags 0 = conforms to the bus (edge, active high).
         body += INTERRUPT_SOURCE_OVERRIDE.pack(TYPE_INTERRUPT_SOURCE_OVERRIDE, INTERRUPT_SOURCE_OVERRIDE.size, 0, 0, 2, 0)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import layout
+from ..memory import GuestMemory
 from . import bzimage, elf, paging
 from .bootparams import build_zero_page
 from .errors import BootError
@@ -37,11 +38,10 @@ class BootInfo:
     initrd_size: int = 0
 
 
-def place_initrd(memory, size: int, kernel_end: int, addr_max: int) -> int:
+def place_initrd(memory: GuestMemory, size: int, kernel_end: int, addr_max: int) -> int:
     """Highest page-aligned address for ``size`` bytes of initrd: in low RAM, above the kernel,
     with its last byte <= ``addr_max`` (boot.rst: initrd_addr_max)."""
-    top = min(memory.low_ram_end if hasattr(memory, "low_ram_end") else memory.size,
-              addr_max + 1)
+    top = min(memory.low_ram_end, addr_max + 1)
     addr = (top - size) & ~(PAGE - 1)
     if size <= 0 or addr < kernel_end or addr < layout.HIGH_MEMORY_START:
         raise BootError(
@@ -59,7 +59,7 @@ def _encode_cmdline(cmdline: str, limit: int) -> bytes:
     return raw + b"\0"
 
 
-def load_kernel(memory, kernel_path: str | os.PathLike, cmdline: str, initrd: bytes | None,
+def load_kernel(memory: GuestMemory, kernel_path: str | os.PathLike, cmdline: str, initrd: bytes | None,
                 acpi_rsdp: int | None = None) -> BootInfo:
     """Load ``kernel_path`` (ELF vmlinux or bzImage) and the boot structures into ``memory``."""
     path = Path(kernel_path)

@@ -12,7 +12,6 @@ import struct
 from .. import layout
 from .errors import BootError
 
-ZERO_PAGE_SIZE = 0x1000
 
 # boot_params field -> (offset, struct format).  Names are C member designators.
 FIELDS: dict[str, tuple[int, str]] = {
@@ -80,7 +79,7 @@ class ZeroPage:
     """A 4 KiB boot_params image built field by field."""
 
     def __init__(self) -> None:
-        self.buf = bytearray(ZERO_PAGE_SIZE)
+        self.buf = bytearray(layout.ZERO_PAGE_SIZE)
         self._e820: list[tuple[int, int, int]] = []
 
     def set(self, name: str, value: int) -> None:

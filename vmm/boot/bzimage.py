@@ -15,6 +15,7 @@ import struct
 from dataclasses import dataclass
 
 from .. import layout
+from ..memory import GuestMemory
 from .bootparams import BOOT_FLAG_MAGIC, FIELDS, HDRS_MAGIC, LOADED_HIGH, XLF_KERNEL_64
 from .errors import BootError
 
@@ -78,7 +79,7 @@ def parse_header(setup: bytes, file_size: int) -> dict[str, int]:
     }
 
 
-def load(memory, path: str | os.PathLike) -> BzImage:
+def load(memory: GuestMemory, path: str | os.PathLike) -> BzImage:
     with open(path, "rb") as f:
         file_size = os.fstat(f.fileno()).st_size
         head = f.read(SETUP_AREA)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from .. import layout
+from ..memory import GuestMemory
 from .errors import BootError
 
 logger = logging.getLogger(__name__)
@@ -132,7 +133,7 @@ def _zero(view: memoryview) -> None:
         view[off:off + n] = _ZEROS[:n] if n < len(_ZEROS) else _ZEROS
 
 
-def load(memory, path: str | os.PathLike) -> ElfKernel:
+def load(memory: GuestMemory, path: str | os.PathLike) -> ElfKernel:
     """Copy the PT_LOAD segments of ELF ``path`` into ``memory``; returns the entry and extent."""
     with open(path, "rb") as f:
         file_size = os.fstat(f.fileno()).st_size

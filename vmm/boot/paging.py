@@ -13,6 +13,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from devices.memory import GuestMemoryAccess
+
 from .. import layout
 
 PTE_PRESENT = 1 << 0
@@ -116,9 +118,16 @@ def decode_descriptor(entry: int, selector: int) -> Segment:
     )
 
 
-def write_boot_tables(memory) -> None:
-    """Write page tables, GDT and IDT to guest memory at their layout addresses."""
-    for addr, data in page_tables().items():
+def write_boot_tables(memory: GuestMemoryAccess) -> None:
+    """Write page tables, GDT and IDT to guest memory at their layout addresses (each must fit the
+    room the layout reserves for it, or it would overwrite its neighbour)."""
+    tables = page_tables()
+    if max(addr + len(data) for addr, data in tables.items()) > layout.PAGE_TABLES_END:
+        raise ValueError("boot page tables overrun layout.PAGE_TABLES_END")
+    gdt = gdt_bytes()
+    if len(gdt) > layout.GDT_ENTRIES * 8:
+        raise ValueError(f"boot GDT of {len(gdt) // 8} entries > layout.GDT_ENTRIES")
+    for addr, data in tables.items():
         memory.write(addr, data)
-    memory.write(layout.GDT_ADDR, gdt_bytes())
+    memory.write(layout.GDT_ADDR, gdt)
     memory.write(layout.IDT_ADDR, IDT_BYTES)

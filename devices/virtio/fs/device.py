@@ -23,6 +23,7 @@ import struct
 import tempfile
 from typing import Callable
 
+from devices.memory import GuestMemoryAccess
 from devices.virtio.device import BASE_FEATURES, VIRTIO_ID_FS, VirtioDevice
 from devices.virtio.fs.options import FS_MAX_TAG_LEN, FsOptions
 from devices.virtio.fs.worker import FsWorker, WorkerCounters
@@ -110,7 +111,7 @@ class FsDevice(VirtioDevice):
     def device_features(self) -> int:
         return BASE_FEATURES
 
-    def activate(self, memory, interrupt: Interrupt, queues: list[Queue | None],
+    def activate(self, memory: GuestMemoryAccess, interrupt: Interrupt, queues: list[Queue | None],
                  queue_events: list[int]) -> None:
         if self._worker is not None:
             raise RuntimeError("virtio-fs device is already active")
