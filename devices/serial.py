@@ -59,6 +59,8 @@ class Serial:
         self.fifo = False
         self.thr_pending = False  # THR-empty interrupt waiting to be read from IIR
         self._dropped = 0
+        self.rx_queued = 0        # host bytes accepted for the guest
+        self.rx_delivered = 0     # ... of which the guest's driver read through RBR
 
     # BusDevice ---------------------------------------------------------------------------
     def read(self, offset: int, size: int) -> bytes:
@@ -75,6 +77,12 @@ class Serial:
             self._irq()
 
     # Host side ---------------------------------------------------------------------------
+    def input_counters(self) -> dict[str, int]:
+        """Console input: bytes queued from the host, read by the guest, dropped (buffer full)."""
+        with self._lock:
+            return {"rx_queued": self.rx_queued, "rx_delivered": self.rx_delivered,
+                    "rx_dropped": self._dropped}
+
     def enqueue_input(self, data: bytes) -> None:
         """Queue bytes typed on the host; they reach the guest through RBR."""
         with self._lock:
@@ -85,6 +93,7 @@ class Serial:
                 self._dropped += len(data) - room
                 data = data[:room]
             self._input.extend(data)
+            self.rx_queued += len(data)
             raise_irq = bool(data) and bool(self.ier & IER_RDI)
         if raise_irq:
             self._irq()
@@ -97,6 +106,7 @@ class Serial:
                 return self.dll
             if self.mcr & MCR_LOOP or not self._input:
                 return 0
+            self.rx_delivered += 1
             return self._input.popleft()
         if offset == IER_DLM:
             return self.dlm if dlab else self.ier

@@ -104,6 +104,7 @@ OPS: dict[str, tuple[int, int]] = {
     "symlink": (2, 2), "readlink": (1, 1), "link": (2, 2), "chmod": (2, 2), "utime": (3, 3),
     "readdir": (1, 1), "setxattr": (3, 4), "getxattr": (2, 2), "listxattr": (1, 1),
     "statfs": (1, 1), "fsync": (1, 1), "sync": (0, 0), "parallel": (2, 16),
+    "ttyread": (2, 2),
 }
 
 # (name, number), Linux asm-generic numbering; aliases follow their canonical name. Mirrors

@@ -11,7 +11,12 @@ import pytest
 
 from kvm_sys import bindings as kb
 
-pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc is required for the C probe")
+
+
+@pytest.fixture(autouse=True)
+def _gcc() -> None:
+    # .ci/setup.sh installs gcc (build-essential): missing means a broken set-up, not a skip.
+    assert shutil.which("gcc"), "gcc missing: run .ci/setup.sh (build-essential)"
 
 
 def _walk(cls: type, prefix: str, base: int):

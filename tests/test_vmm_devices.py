@@ -72,6 +72,8 @@ def test_serial_input():
     assert s.read(2, 1)[0] & 0x0F == 0x04
     assert s.read(0, 1) == b"a" and s.read(0, 1) == b"b"
     assert s.read(5, 1)[0] & 1 == 0
+    assert s.read(0, 1) == b"\0"                 # nothing more: no byte counted as delivered
+    assert s.input_counters() == {"rx_queued": 2, "rx_delivered": 2, "rx_dropped": 0}
 
 
 def test_i8042_reset_line():

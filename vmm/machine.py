@@ -109,6 +109,7 @@ class Machine:
         self._stop_event = threading.Event()
         self.stopping = threading.Event()
         self.fs_devices: list[FsDevice] = []
+        self.serial: Serial | None = None   # COM1, once built (its input counters are reported)
         self.vcpu_report = ""
         self.cmdline = ""
         self.on_console_line: Callable[[bytes], None] | None = None   # tests watch the console
@@ -124,7 +125,10 @@ class Machine:
 
     # ------------------------------------------------------------------ metrics
     def device_metrics(self) -> dict:
-        return {f"fs:{dev.options.tag}": dev.metrics() for dev in self.fs_devices}
+        metrics: dict = {f"fs:{dev.options.tag}": dev.metrics() for dev in self.fs_devices}
+        if self.serial is not None:
+            metrics["serial:com1"] = self.serial.input_counters()
+        return metrics
 
     def reset_metrics(self) -> None:
         for dev in self.fs_devices:
@@ -249,6 +253,7 @@ class Machine:
             vm.irq_line(layout.COM1_IRQ, 0)
 
         serial = Serial(sink, irq=pulse_com1_irq)
+        self.serial = serial
         pio.insert(layout.COM1_PORT, layout.COM1_PORT_SIZE, serial, "com1")
         pio.insert(layout.I8042_DATA_PORT, layout.I8042_PORT_SIZE, I8042(
             lambda: self.request_stop(Stop(StopReason.GUEST_RESET))), "i8042")

@@ -79,6 +79,16 @@ static const char *__init parse_sleep(struct pyv_step *st)
 	return pyv_parse_u64(st->argv[0], &st->num[0], 3600 * 1000);
 }
 
+/* ttyread N MS: N bytes, waiting at most MS milliseconds in all. */
+static const char *__init parse_ttyread(struct pyv_step *st)
+{
+	const char *err = pyv_parse_u64(st->argv[0], &st->num[0], 64);
+
+	if (!err && !st->num[0])
+		err = "count must be 1..64";
+	return err ? err : pyv_parse_u64(st->argv[1], &st->num[1], 3600 * 1000);
+}
+
 static const char *__init parse_fallocate(struct pyv_step *st)
 {
 	const char *err = pyv_parse_u64(st->argv[1], &st->num[0], 1ULL << 40);
@@ -736,6 +746,50 @@ static int __init run_fsync(struct pyv_step *st, struct pyv_out *out)
 	return pyv_close(f, vfs_fsync(f, 0));
 }
 
+/*
+ * Read what was typed on the console: /dev/console (the serial console,
+ * ttyS0) opened like a program would, so the 8250 driver enables its
+ * receive interrupt and the line discipline delivers the bytes. Opening
+ * the port flushes its receive FIFO (as on real hardware), so the step
+ * announces "echo ttyread open" once it is open: type after that line.
+ * Polled with O_NONBLOCK so the step gives up after its time limit
+ * (ETIMEDOUT).
+ */
+static int __init run_ttyread(struct pyv_step *st, struct pyv_out *out)
+{
+	struct file *f = filp_open("/dev/console", O_RDONLY | O_NOCTTY | O_NONBLOCK, 0);
+	u64 want = st->num[0], waited = 0;
+	char buf[64];
+	size_t got = 0;
+	int ret = 0;
+
+	if (IS_ERR(f))
+		return PTR_ERR(f);
+	pyv_emit("echo ttyread open");
+	while (got < want) {
+		loff_t pos = 0;
+		ssize_t n = kernel_read(f, buf + got, want - got, &pos);
+
+		if (n > 0) {
+			got += n;
+			continue;
+		}
+		if (n < 0 && n != -EAGAIN) {
+			ret = n;
+			break;
+		}
+		if (waited >= st->num[1]) {
+			ret = -ETIMEDOUT;
+			break;
+		}
+		msleep(10);
+		waited += 10;
+	}
+	pyv_extra(out, "bytes=%zu", got);
+	pyv_extra_escaped(out, "text", buf, got);
+	return pyv_close(f, ret);
+}
+
 static int __init run_sync(struct pyv_step *st, struct pyv_out *out)
 {
 	ksys_sync();	/* every mounted file system: SYNCFS on each virtio-fs mount */
@@ -875,6 +929,7 @@ const struct pyv_op pyv_ops[] __initconst = {
 	{ "statfs",	1, 1,	NULL,			run_statfs },
 	{ "fsync",	1, 1,	NULL,			run_fsync },
 	{ "sync",	0, 0,	NULL,			run_sync },
+	{ "ttyread",	2, 2,	parse_ttyread,		run_ttyread },
 	{ "parallel",	2, PYV_MAX_ARGS, parse_parallel,	run_parallel },
 	{ NULL }
 };

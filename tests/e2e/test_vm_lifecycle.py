@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import struct
 import subprocess
 import sys
-import time
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -73,16 +74,19 @@ def test_terminal_mode_is_restored_after_a_run(kernel):
     master, slave = os.openpty()
     try:
         before = termios.tcgetattr(slave)
+        metrics = Path(tempfile.mkdtemp()) / "m.json"
         proc = subprocess.Popen([sys.executable, "-m", "vmm", "run", "configs/default.yaml",
-                                 "--kernel", str(kernel), "--exec", "sleep 1500; exit 5"],
+                                 "--kernel", str(kernel), "--exec",
+                                 "ttyread 11 60000; exit 5",
+                                 "--metrics", str(metrics)],
                                 cwd=REPO, stdin=slave, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
         for line in proc.stdout:
-            if "@@pyvmm start" in line:
+            if "ttyread open" in line:   # echoed by the agent: the guest's tty is open now
                 break
         during = termios.tcgetattr(slave)
-        os.write(master, b"typed keys\n")        # reaches the guest's UART receive buffer
-        _, err = proc.communicate(timeout=120)
+        os.write(master, b"typed keys\n")        # the agent reads them from /dev/console
+        out, err = proc.communicate(timeout=180)
         after = termios.tcgetattr(slave)
     finally:
         os.close(master)
@@ -90,6 +94,11 @@ def test_terminal_mode_is_restored_after_a_run(kernel):
     assert proc.returncode == 5, err[-2000:]
     assert during[3] & termios.ICANON == 0 and during[3] & termios.ECHO == 0
     assert after == before
+    # The keys reached the guest: its 8250 driver read every byte out of the UART, and its tty
+    # gave them to the agent's read of /dev/console.
+    console = json.loads(metrics.read_text())["devices"]["serial:com1"]
+    assert console["rx_queued"] == len(b"typed keys\n") == console["rx_delivered"]
+    assert "op=ttyread result=ok errno=0" in out and "bytes=11 text=typed\\x20keys\\x0a" in out
 
 
 def test_guest_kernel_panic_is_reported(kernel):
