@@ -72,7 +72,11 @@ class Serial:
         if not data:
             return
         with self._lock:
-            raise_irq = self._write(offset, data[0])
+            raise_irq, out = self._write(offset, data[0])
+        # The console sink runs outside the lock: it may call back into the VMM (a test's
+        # on_line asking the control socket for stats reads input_counters()).
+        if out:
+            self._output(out)
         if raise_irq:
             self._irq()
 
@@ -143,39 +147,41 @@ class Serial:
             return (((m >> 1) & 1) << 4) | ((m & 1) << 5) | (((m >> 2) & 1) << 6) | (((m >> 3) & 1) << 7)
         return MSR_DEFAULT
 
-    def _write(self, offset: int, value: int) -> bool:
+    def _write(self, offset: int, value: int) -> tuple[bool, bytes]:
+        """Apply a register write; returns (raise the interrupt, bytes to send to the console)."""
         dlab = self.lcr & LCR_DLAB
         if offset == RBR_THR_DLL:
             if dlab:
                 self.dll = value
-                return False
+                return False, b""
             if self.mcr & MCR_LOOP:
                 if len(self._input) < INPUT_LIMIT:
                     self._input.append(value)
+                out = b""
             else:
-                self._output(bytes([value]))
+                out = bytes([value])
             self.thr_pending = True
-            return bool(self.ier & IER_THRI)
+            return bool(self.ier & IER_THRI), out
         if offset == IER_DLM:
             if dlab:
                 self.dlm = value
-                return False
+                return False, b""
             was = self.ier
             self.ier = value & 0x0F
             # Enabling THRI while the transmitter is empty raises the interrupt at once (16550A).
             if self.ier & IER_THRI and not was & IER_THRI:
                 self.thr_pending = True
-                return True
-            return bool(self.ier & IER_RDI and self._input and not was & IER_RDI)
+                return True, b""
+            return bool(self.ier & IER_RDI and self._input and not was & IER_RDI), b""
         if offset == IIR_FCR:
             self.fifo = bool(value & FCR_ENABLE_FIFO)
             if value & FCR_CLEAR_RCVR:
                 self._input.clear()
-            return False
+            return False, b""
         if offset == LCR:
             self.lcr = value
         elif offset == MCR:
             self.mcr = value & 0x1F
         elif offset == SCR:
             self.scr = value
-        return False
+        return False, b""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from devices.i8042 import I8042
@@ -24,6 +26,23 @@ def test_serial_output_and_lsr():
         s.write(0, bytes([ch]))
     assert bytes(out.data) == b"hi\n"
     assert s.read(5, 1)[0] & 0x60 == 0x60      # THRE|TEMT: the driver may send the next byte
+
+
+def test_serial_output_callback_may_read_the_counters():
+    # A console line callback (a test's on_line, the control socket's stats) reads the
+    # UART's counters while the guest is mid-write: the lock must not be held around output.
+    seen = []
+    holder = {}
+
+    def out(data: bytes) -> None:
+        t = threading.Thread(target=lambda: seen.append(holder["s"].input_counters()))
+        t.start()
+        t.join(2.0)
+        assert not t.is_alive(), "console output ran with the UART lock held"
+
+    holder["s"] = s = Serial(out)
+    s.write(0, b"x")
+    assert seen == [{"rx_queued": 0, "rx_delivered": 0, "rx_dropped": 0}]
 
 
 def test_serial_scratch_ier_and_divisor_latch():

@@ -119,6 +119,16 @@ class GuestResult:
         return str(self.run_result.message)
 
     @property
+    def stop(self) -> Any:
+        """Why the VMM stopped (``vmm.machine.Stop``: .reason, .detail)."""
+        return self.run_result.stop
+
+    @property
+    def cmdline(self) -> str:
+        """The kernel command line the VMM booted the guest with."""
+        return str(self.run_result.cmdline)
+
+    @property
     def metrics(self) -> dict[str, Any]:
         return dict(self.run_result.metrics)
 
