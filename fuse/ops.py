@@ -296,7 +296,7 @@ def _link(s: Server, nodeid: int, ctx: Context, a: Any, names: Names,
 
 def _open(s: Server, nodeid: int, ctx: Context, a: Any, names: Names,
           r: Reader, w: Writer) -> Any:
-    return s.fs.open(ctx, nodeid, a.flags)
+    return s.fs.open(ctx, nodeid, a.flags, a.open_flags)
 
 
 def _opendir(s: Server, nodeid: int, ctx: Context, a: Any, names: Names,
@@ -306,7 +306,8 @@ def _opendir(s: Server, nodeid: int, ctx: Context, a: Any, names: Names,
 
 def _create(s: Server, nodeid: int, ctx: Context, a: Any, names: Names,
             r: Reader, w: Writer) -> Any:
-    entry, fh, fopen = s.fs.create(ctx, nodeid, names[0], a.mode, a.flags, a.umask)
+    entry, fh, fopen = s.fs.create(ctx, nodeid, names[0], a.mode, a.flags, a.umask,
+                                   a.open_flags)
     return entry, fh, fopen
 
 
