@@ -38,8 +38,11 @@ from devices.virtio.queue import (
     Queue,
     QueueConfigError,
 )
+from fuse.logthrottle import LogThrottle
 
 logger = logging.getLogger(__name__)
+#: A guest can fail activations or give up on a device as often as it resets it: sampled.
+_guest_log = LogThrottle(logger)
 
 # linux/virtio_mmio.h
 VIRTIO_MMIO_MAGIC_VALUE = 0x000
@@ -364,7 +367,8 @@ class MmioTransport:
                     self.status = new
                     self._activate()
         if value & VIRTIO_CONFIG_S_FAILED and not old & VIRTIO_CONFIG_S_FAILED:
-            logger.warning("virtio-mmio: driver gave up on device type %d (FAILED)", self.device.device_type)
+            _guest_log.warn("virtio-mmio: driver gave up on device type %d (FAILED)",
+                            self.device.device_type)
             new |= VIRTIO_CONFIG_S_FAILED
             if self.activated:
                 self.device.reset()  # the guest will not use it any more; stop serving
@@ -404,8 +408,8 @@ class MmioTransport:
                 raise QueueConfigError("DRIVER_OK with no queue ready")
             self.device.activate(self.memory, self.interrupt, queues, list(self.queue_events))
         except Exception as e:  # QueueConfigError, or a device that could not start
-            logger.error("virtio-mmio: cannot activate device type %d: %s; setting DEVICE_NEEDS_RESET",
-                         self.device.device_type, e)
+            _guest_log.log(logging.ERROR, "virtio-mmio: cannot activate device type %d: %s; "
+                           "setting DEVICE_NEEDS_RESET", self.device.device_type, e)
             for q in queues:
                 if q is not None:
                     q.close()
