@@ -139,7 +139,7 @@ class XattrMap:
         if self.policy == "remap" and host_name.startswith(PRIVATE_PREFIX):
             name = host_name[len(PRIVATE_PREFIX):]
             # Only names to_host() produces map back: one guest name per host name.
-            return name if self.reserved(name) else None
+            return name if self.reserved(name) and name not in PROTECTED_PREFIXES else None
         return None if self.reserved(host_name) else host_name
 
     def guest_list(self, host_names: list[bytes]) -> bytes:
