@@ -501,3 +501,24 @@ def test_an_init_storm_does_not_flood_the_log(share, caplog):
     lines = [r for r in caplog.records if r.name.startswith("fuse")]
     # 2,500 guest-caused events: the first FULL_WARNINGS in full, then powers of two.
     assert FULL_WARNINGS < len(lines) <= FULL_WARNINGS + 12
+
+
+def _thread_creds() -> tuple[str, str, str, int]:
+    """(Uid line, Gid line, CapEff, umask) of the calling thread, from procfs."""
+    status = dict(line.split(":", 1) for line in
+                  open("/proc/thread-self/status").read().splitlines() if ":" in line)
+    umask = os.umask(0)
+    os.umask(umask)
+    return status["Uid"].split(), status["Gid"].split(), status["CapEff"].strip(), umask
+
+
+def test_acting_as_the_caller_leaves_the_thread_as_it_was(share):
+    g = Guest(share)
+    before = _thread_creds()
+    assert g.mkdir(b"d", 0o700, umask=0o077)[0] == 0
+    assert g.mkdir(b"d", 0o700)[0] == errno.EEXIST          # the failure path restores too
+    assert _thread_creds() == before
+    # A uid the kernel cannot switch to never turns into a creation as root.
+    assert g.mkdir(b"x", 0o755, uid=0xFFFFFFFF)[0] == errno.EINVAL
+    assert g.create(b"y", 0o644, gid=0xFFFFFFFF)[0] == errno.EINVAL
+    assert sorted(os.listdir(share)) == ["d"] and _thread_creds() == before

@@ -35,10 +35,17 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import logging
 import os
 import threading
 from contextlib import contextmanager
 from typing import Iterator
+
+from fuse.logthrottle import LogThrottle
+
+logger = logging.getLogger(__name__)
+#: Every creation of a guest's uid fails the same way when the device lacks CAP_SETUID/SETGID.
+_log = LogThrottle(logger)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -97,6 +104,8 @@ def _set_fsid(nr: int, what: str, value: int) -> int:
     previous = _libc.syscall(nr, ctypes.c_uint32(value))
     current = _libc.syscall(nr, ctypes.c_uint32(_QUERY))
     if current != value:
+        _log.warn("%s(%d) refused (still %d): the device needs CAP_SETUID and CAP_SETGID to "
+                  "create entries for guest users", what, value, current)
         raise OSError(errno.EPERM, f"{what}({value}) refused (still {current})")
     return previous
 

@@ -53,7 +53,6 @@ from fuse.limits import (
     check_xattr_name,
     check_xattr_size,
 )
-
 from fuse.logthrottle import LogThrottle
 
 from . import creds, syscalls
