@@ -45,15 +45,16 @@ class LogThrottle:
                 args += (n,)
             self._logger.log(level, msg, *args, stacklevel=stacklevel)
 
-    def bug(self, op: str, exc: BaseException) -> None:
-        """An unexpected exception from a filesystem, an encoder or the observer (``op``)."""
+    def bug(self, op: str, exc: BaseException, outcome: str = "replying EIO") -> None:
+        """An unexpected exception from a filesystem, an encoder or the observer (``op``);
+        ``outcome`` says what the caller does about it."""
         key = (op, type(exc))
         with self._lock:
             n = self._bugs.get(key, 0) + 1
             self._bugs[key] = n
         if n == 1:
-            self._logger.error("%s: unexpected %s, replying EIO", op, type(exc).__name__,
+            self._logger.error("%s: unexpected %s, %s", op, type(exc).__name__, outcome,
                                exc_info=exc)
         elif _sampled(n):
-            self._logger.warning("%s: unexpected %s again (%s; %d times), replying EIO", op,
-                                 type(exc).__name__, exc, n)
+            self._logger.warning("%s: unexpected %s again (%s; %d times), %s", op,
+                                 type(exc).__name__, exc, n, outcome)

@@ -187,8 +187,8 @@ class MmioTransport:
                 return b"\xff" * max(size, 0)
             try:
                 return self.device.read_config(offset - VIRTIO_MMIO_CONFIG, size)
-            except Exception:  # a device bug must not kill the vCPU
-                logger.exception("virtio-mmio: read_config failed")
+            except Exception as e:  # a device bug must not kill the vCPU (nor flood the log)
+                _guest_log.bug("virtio-mmio read_config", e, "reading 0xff")
                 return b"\xff" * size
         if size != 4 or offset % 4:
             self._log(f"read-width-{offset:#x}-{size}", "virtio-mmio: ignoring %d-byte read at %#x "
@@ -208,8 +208,8 @@ class MmioTransport:
                 self.device.write_config(offset - VIRTIO_MMIO_CONFIG, bytes(data))
             except PermissionError:
                 self._log("cfg-ro", "virtio-mmio: ignoring write to read-only config space at %#x", offset)
-            except Exception:
-                logger.exception("virtio-mmio: write_config failed")
+            except Exception as e:
+                _guest_log.bug("virtio-mmio write_config", e, "write ignored")
             return
         if size != 4 or offset % 4:
             self._log(f"write-width-{offset:#x}-{size}", "virtio-mmio: ignoring %d-byte write at %#x "
