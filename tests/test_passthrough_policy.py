@@ -454,7 +454,9 @@ def few_fds():
     def free(n: int) -> None:
         while taken:
             os.close(taken.pop())
-        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+        # The limit bounds fd numbers: leave room above whatever this process already holds.
+        highest = max(int(fd) for fd in os.listdir("/proc/self/fd"))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 64, hard))
         try:
             while True:
                 taken.append(os.open("/dev/null", os.O_RDONLY))
