@@ -249,7 +249,7 @@ class PassthroughFs(FileSystem):
         every caller).  The host kernel does it for a real security.capability; a remapped one
         is only a user xattr to it, so it is removed here."""
         name = self._xattrs.remapped_capability
-        if name is None:
+        if name is None or syscalls.xattr_absent(target, name):
             return
         try:
             os.removexattr(target, name)
