@@ -190,7 +190,8 @@ class FileSystem:
               offset: int, write_flags: int) -> int:
         """Move ``size`` bytes from ``reader`` (``reader.read_to_fd``); return the count.
         ``FUSE_WRITE_KILL_SUIDGID`` in ``write_flags``: clear set-id bits first (the caller
-        lacks CAP_FSETID; sent with ``FUSE_HANDLE_KILLPRIV_V2``)."""
+        lacks CAP_FSETID; Linux sets it on direct-I/O writes, and on cached ones once the
+        session has ``FUSE_HANDLE_KILLPRIV_V2``)."""
         raise _enosys()
 
     def flush(self, ctx: Context, nodeid: int, fh: int, lock_owner: int) -> None:
