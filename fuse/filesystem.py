@@ -169,13 +169,16 @@ class FileSystem:
     def link(self, ctx: Context, nodeid: int, newparent: int, newname: bytes) -> Entry:
         raise _enosys()
 
-    def open(self, ctx: Context, nodeid: int, flags: int) -> tuple[int, int]:
-        """Returns ``(fh, FOPEN_* flags)``."""
+    def open(self, ctx: Context, nodeid: int, flags: int, open_flags: int = 0
+             ) -> tuple[int, int]:
+        """Returns ``(fh, FOPEN_* flags)``.  ``open_flags`` is fuse_open_in.open_flags:
+        ``FUSE_OPEN_KILL_SUIDGID`` asks to clear set-id bits when ``flags`` has O_TRUNC (only
+        sent to a filesystem that asked for ``FUSE_HANDLE_KILLPRIV_V2``)."""
         raise _enosys()
 
     def create(self, ctx: Context, parent: int, name: bytes, mode: int, flags: int,
-               umask: int) -> tuple[Entry, int, int]:
-        """Returns ``(entry, fh, FOPEN_* flags)``."""
+               umask: int, open_flags: int = 0) -> tuple[Entry, int, int]:
+        """Returns ``(entry, fh, FOPEN_* flags)``; ``open_flags`` as for :meth:`open`."""
         raise _enosys()
 
     def read(self, ctx: Context, nodeid: int, fh: int, writer: Writer, size: int,
@@ -185,7 +188,10 @@ class FileSystem:
 
     def write(self, ctx: Context, nodeid: int, fh: int, reader: Reader, size: int,
               offset: int, write_flags: int) -> int:
-        """Move ``size`` bytes from ``reader`` (``reader.read_to_fd``); return the count."""
+        """Move ``size`` bytes from ``reader`` (``reader.read_to_fd``); return the count.
+        ``FUSE_WRITE_KILL_SUIDGID`` in ``write_flags``: clear set-id bits first (the caller
+        lacks CAP_FSETID; Linux sets it on direct-I/O writes, and on cached ones once the
+        session has ``FUSE_HANDLE_KILLPRIV_V2``)."""
         raise _enosys()
 
     def flush(self, ctx: Context, nodeid: int, fh: int, lock_owner: int) -> None:

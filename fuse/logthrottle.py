@@ -1,8 +1,9 @@
 """Log lines a guest can cause, limited so that a hostile or broken guest cannot flood the host log.
 
-Two kinds: malformed requests (every one is worth knowing about at first, then only a sample, with a
-running count), and filesystem bugs (a traceback the first time for each op and exception type,
-then one line).  The counts of what happened stay exact in the metrics; only the log is thinned.
+Two kinds: guest-caused events (malformed requests, INIT storms, failed activations...: every one is
+worth knowing about at first, then only a sample, with a running count), and filesystem bugs (a
+traceback the first time for each op and exception type, then a sampled one-liner).  The counts of
+what happened stay exact in the metrics; only the log is thinned.
 """
 
 from __future__ import annotations
@@ -11,39 +12,49 @@ import logging
 import threading
 from typing import Any
 
-#: Malformed-request warnings logged in full before sampling starts.
+#: Events of one kind logged in full before sampling starts.
 FULL_WARNINGS = 50
 
 
+def _sampled(n: int) -> bool:
+    """The first FULL_WARNINGS occurrences, then the 64th, 128th, 256th..."""
+    return n <= FULL_WARNINGS or (n & (n - 1)) == 0
+
+
 class LogThrottle:
-    """Thread-safe; one per server, logging to that server's logger."""
+    """Thread-safe; one per server (or module), logging to that logger."""
 
     def __init__(self, logger: logging.Logger) -> None:
         self._logger = logger
         self._lock = threading.Lock()
         self._warnings = 0
-        self._bugs: set[tuple[str, type]] = set()
+        self._bugs: dict[tuple[str, type], int] = {}
 
     def warn(self, msg: str, *args: Any) -> None:
-        """A malformed request: the first FULL_WARNINGS, then the 64th, 128th, 256th..."""
+        """A malformed request or another guest-caused event worth a warning (sampled)."""
+        self.log(logging.WARNING, msg, *args, stacklevel=3)
+
+    def log(self, level: int, msg: str, *args: Any, stacklevel: int = 2) -> None:
+        """A guest-caused event at ``level``; every level shares one count (sampled)."""
         with self._lock:
             self._warnings += 1
             n = self._warnings
-        if n <= FULL_WARNINGS or (n & (n - 1)) == 0:
+        if _sampled(n):
             if n > FULL_WARNINGS:
-                msg += " (%d malformed so far)"
+                msg += " (%d guest-caused events logged so far)"
                 args += (n,)
-            self._logger.warning(msg, *args, stacklevel=2)
+            self._logger.log(level, msg, *args, stacklevel=stacklevel)
 
-    def bug(self, op: str, exc: BaseException) -> None:
-        """An unexpected exception from a filesystem, an encoder or the observer (``op``)."""
+    def bug(self, op: str, exc: BaseException, outcome: str = "replying EIO") -> None:
+        """An unexpected exception from a filesystem, an encoder or the observer (``op``);
+        ``outcome`` says what the caller does about it."""
         key = (op, type(exc))
         with self._lock:
-            first = key not in self._bugs
-            self._bugs.add(key)
-        if first:
-            self._logger.error("%s: unexpected %s, replying EIO", op, type(exc).__name__,
+            n = self._bugs.get(key, 0) + 1
+            self._bugs[key] = n
+        if n == 1:
+            self._logger.error("%s: unexpected %s, %s", op, type(exc).__name__, outcome,
                                exc_info=exc)
-        else:
-            self._logger.warning("%s: unexpected %s again (%s), replying EIO", op,
-                                 type(exc).__name__, exc)
+        elif _sampled(n):
+            self._logger.warning("%s: unexpected %s again (%s; %d times), %s", op,
+                                 type(exc).__name__, exc, n, outcome)

@@ -40,12 +40,16 @@ from .limits import (
     check_xattr_name,
     check_xattr_size,
 )
+from .logthrottle import LogThrottle
 from .session import PAGE_SIZE
 
 if TYPE_CHECKING:
     from .server import Server
 
 logger = logging.getLogger(__name__)
+#: What a request can make this module log (a filesystem that fails to undo, a malformed entry
+#: it returns, again and again for every request) is sampled.
+_log = LogThrottle(logger)
 
 OUT_HEADER_SIZE = abi.OUT_HEADER.size
 #: Largest copy_file_range length whose result still fits fuse_write_out.size (the kernel
@@ -100,7 +104,7 @@ def undo_lookup(fs: FileSystem, nodeid: Any) -> None:
     try:
         fs.forget(nodeid, 1)
     except Exception as e:  # noqa: BLE001
-        logger.warning("forget(%d, 1) of an unsent entry failed: %s", nodeid, e)
+        _log.warn("forget(%d, 1) of an unsent entry failed: %s", nodeid, e)
 
 
 def _undo_entry(s: Server, ctx: Context, arg: Any, entry: Any) -> None:
@@ -114,7 +118,7 @@ def _undo_create(s: Server, ctx: Context, arg: Any, result: Any) -> None:
     try:
         s.fs.release(ctx, nodeid, fh, arg.flags)
     except Exception as e:  # noqa: BLE001
-        logger.warning("release of an unsent CREATE handle failed: %s", e)
+        _log.warn("release of an unsent CREATE handle failed: %s", e)
 
 
 def need(writer: Writer, payload: int) -> None:
@@ -296,7 +300,7 @@ def _link(s: Server, nodeid: int, ctx: Context, a: Any, names: Names,
 
 def _open(s: Server, nodeid: int, ctx: Context, a: Any, names: Names,
           r: Reader, w: Writer) -> Any:
-    return s.fs.open(ctx, nodeid, a.flags)
+    return s.fs.open(ctx, nodeid, a.flags, a.open_flags)
 
 
 def _opendir(s: Server, nodeid: int, ctx: Context, a: Any, names: Names,
@@ -306,7 +310,8 @@ def _opendir(s: Server, nodeid: int, ctx: Context, a: Any, names: Names,
 
 def _create(s: Server, nodeid: int, ctx: Context, a: Any, names: Names,
             r: Reader, w: Writer) -> Any:
-    entry, fh, fopen = s.fs.create(ctx, nodeid, names[0], a.mode, a.flags, a.umask)
+    entry, fh, fopen = s.fs.create(ctx, nodeid, names[0], a.mode, a.flags, a.umask,
+                                   a.open_flags)
     return entry, fh, fopen
 
 
@@ -468,7 +473,7 @@ def _readdir(s: Server, nodeid: int, ctx: Context, a: Any, names: Names,
                 logger.debug("READDIR stopped early by %r; sending what we have", e)
                 break
             if not encode.dirent_name_ok(de.name):
-                logger.warning("READDIR: skipping invalid name %r", de.name)
+                _log.warn("READDIR: skipping invalid name %r", de.name)
                 continue
             size = abi.dirent_size(len(de.name))
             if len(buf) + size > limit:
@@ -502,7 +507,7 @@ def _readdirplus(s: Server, nodeid: int, ctx: Context, a: Any, names: Names,
                 break
             name = getattr(de, "name", None)
             if not encode.dirent_name_ok(name):
-                logger.warning("READDIRPLUS: skipping invalid name %r", name)
+                _log.warn("READDIRPLUS: skipping invalid name %r", name)
                 undo_lookup(fs, getattr(entry, "nodeid", 0))
                 continue
             size = abi.direntplus_size(len(name))
@@ -518,7 +523,7 @@ def _readdirplus(s: Server, nodeid: int, ctx: Context, a: Any, names: Names,
                 undo_lookup(fs, getattr(entry, "nodeid", 0))
                 if not buf:
                     raise
-                logger.warning("READDIRPLUS: bad entry for %r; truncating reply", name)
+                _log.warn("READDIRPLUS: bad entry for %r; truncating reply", name)
                 break
             buf += record
     finally:

@@ -63,7 +63,8 @@ class Server:
             raise ValueError("give an observer, or metrics/trace, not both")
         self.fs = fs
         self.max_write = max_write
-        self.session = Session(fs, max_write)
+        self._log = LogThrottle(logger)
+        self.session = Session(fs, max_write, self._log)
         if observer is None and (metrics is not None or trace is not None):
             observer = Recorder(metrics, trace)
         self.observer = observer
@@ -72,7 +73,6 @@ class Server:
         self.max_request = (IN_HEADER_SIZE + abi.WRITE_IN.size
                             + max(max_write, abi.SETXATTR_IN.size + XATTR_NAME_MAX + 1
                                   + XATTR_SIZE_MAX))
-        self._log = LogThrottle(logger)
 
     @property
     def initialized(self) -> bool:
@@ -236,7 +236,7 @@ class Server:
                                errno.errorcode.get(err or 0, err))
             if isinstance(err, int) and 0 < err < 512:
                 return err
-            logger.warning("%s: OSError without a usable errno (%r) -> EIO", op_name(opcode), e)
+            self._log.warn("%s: OSError without a usable errno (%r) -> EIO", op_name(opcode), e)
             return errno.EIO
         if isinstance(e, BufferTooSmall):
             self._log.warn("%s: truncated request: %s", op_name(opcode), e)

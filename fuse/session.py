@@ -20,6 +20,7 @@ from . import abi
 from .encode import U32
 from .filesystem import FileSystem, InitReply
 from .limits import RequestError
+from .logthrottle import LogThrottle
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +36,10 @@ SERVER_FLAGS = (
     | abi.FUSE_INIT_EXT
 )
 #: Flags a filesystem may ask for in ``init``: the server can carry what they imply.  Anything
-#: else (locks, ioctl, DAX, security contexts, KILLPRIV_V2, splice) needs wire support we do
-#: not have and is never advertised, whatever the filesystem asks.
+#: else (locks, ioctl, DAX, security contexts, splice) needs wire support we do not have and is
+#: never advertised, whatever the filesystem asks.  HANDLE_KILLPRIV_V2 is carried: the kill
+#: requests reach the filesystem as FUSE_WRITE_KILL_SUIDGID (write_flags),
+#: FUSE_OPEN_KILL_SUIDGID (open/create ``open_flags``) and FATTR_KILL_SUIDGID (setattr).
 FS_NEGOTIABLE_FLAGS = (
     SERVER_FLAGS
     | abi.FUSE_DO_READDIRPLUS
@@ -49,6 +52,7 @@ FS_NEGOTIABLE_FLAGS = (
     | abi.FUSE_WRITEBACK_CACHE
     | abi.FUSE_NO_OPEN_SUPPORT
     | abi.FUSE_HANDLE_KILLPRIV
+    | abi.FUSE_HANDLE_KILLPRIV_V2
     | abi.FUSE_POSIX_ACL
     | abi.FUSE_ABORT_ERROR
     | abi.FUSE_CACHE_SYMLINKS
@@ -69,8 +73,10 @@ def max_pages_for(max_write: int) -> int:
 class Session:
     """Negotiated state of the current session; safe to use from several queue workers."""
 
-    def __init__(self, fs: FileSystem, max_write: int) -> None:
+    def __init__(self, fs: FileSystem, max_write: int, log: LogThrottle | None = None) -> None:
         self.fs = fs
+        #: Every INIT, DESTROY and their failures are guest-caused: their log lines are sampled.
+        self._log = log or LogThrottle(logger)
         self.max_write = max_write
         self._lock = threading.Lock()
         self.initialized = False
@@ -89,7 +95,7 @@ class Session:
         if major < abi.FUSE_KERNEL_VERSION:
             raise RequestError(errno.EPROTO, f"guest FUSE major {major}")
         if major > abi.FUSE_KERNEL_VERSION:
-            logger.warning("INIT: guest FUSE major %d, answering 7.%d", major,
+            self._log.warn("INIT: guest FUSE major %d, answering 7.%d", major,
                            abi.FUSE_KERNEL_MINOR_VERSION)
             return abi.INIT_OUT.pack(major=abi.FUSE_KERNEL_VERSION,
                                      minor=abi.FUSE_KERNEL_MINOR_VERSION)
@@ -104,7 +110,8 @@ class Session:
 
         with self._lock:
             if self.initialized:
-                logger.info("INIT on an initialized session: destroying the previous one")
+                self._log.log(logging.INFO, "INIT on an initialized session: destroying the "
+                              "previous one")
                 self._end_locked()
             reply = self.fs.init(capable)
             if not isinstance(reply, InitReply) or not isinstance(reply.flags, int):
@@ -124,8 +131,8 @@ class Session:
             self.minor = minor_out
             self.flags = enabled
             self.initialized = True
-        logger.info("FUSE session 7.%d: flags %#x (guest %#x, fs wants %#x), max_write %d",
-                    minor_out, enabled, capable, reply.flags, self.max_write)
+        self._log.log(logging.INFO, "FUSE session 7.%d: flags %#x (guest %#x, fs wants %#x), "
+                      "max_write %d", minor_out, enabled, capable, reply.flags, self.max_write)
         return out
 
     def end(self) -> None:
@@ -143,4 +150,4 @@ class Session:
         try:
             self.fs.destroy()
         except Exception as e:  # noqa: BLE001 - the guest is going away either way
-            logger.warning("destroy failed: %s", e)
+            self._log.warn("destroy failed: %s", e)

@@ -1,42 +1,47 @@
 """Reviewed deviations of our FUSE server from pjdfstest, with the reason for each.
 
 `tests/test_pjdfstest.py` runs pjdfstest (238 files, 8,798 subtests on Linux) as root inside a
-`python -m vmm fuse-mount SHARE MNT -o cache=never` mount of an empty share and fails on any
-failing subtest that is not listed here.  Every entry names one test file, the cause and the exact
-subtest numbers (prove's range notation); a cause says whether it is deliberate policy or a bug,
-what our code does, what a local file system does, and the fix.
+`python -m vmm fuse-mount SHARE MNT -o cache=never` mount of an empty share, twice:
 
-How the list was made (2026-12-01, Linux 6.18 host, FUSE 7.37 session): the baseline run fails
-1,810 subtests in 37 files.  Two more runs of the whole suite split them exactly:
-  * with MKNOD of character/block devices allowed (a local patch, not committed): 12 subtests in 4
-    files still fail, all of them the UMASK entries below;
-  * with devices allowed and the fuse-mount process's umask set to 0: none fail (also with
-    cache=auto).
-So every DEVICES entry is a consequence of the device-node policy alone, and every UMASK entry of
-the umask bug alone.  No failure came from the /dev/fuse transport itself.
+* **default** options: the safe policies of issue 11 are on, so the subtests that need what they
+  refuse fail, and each such failure is listed here with its cause.  Only POLICY causes remain:
+  every BUG found by the first runs is fixed and its entries are gone.
+* **permissive** options (`PERMISSIVE_OPTIONS`: device nodes, set-id bits and xattrs as a local
+  file system has them): no deviation at all is allowed.
+
+Every entry names one test file, the cause and the exact subtest numbers (prove's range
+notation); a cause says what our code does, what a local file system does, and which option
+restores POSIX.
+
+How the list was made (2026-12-01, Linux 6.18 host, FUSE 7.37 session, after issue 11's fixes):
+the default run fails 1,891 subtests in 33 files, the permissive run none.  One more run of the
+whole suite splits the default failures: with only `allow_mknod=true`, 133 subtests in 2 files
+still fail: the 93 SETID entries below, and 40 of chown/00.t's DEVICES entries, the set-id steps
+on block and character devices, which fail under either policy (in the default run the missing
+node makes them fail first, so they are listed under DEVICES).  Every other DEVICES entry passes
+with device nodes allowed, and no SETID entry fails without the set-id policy.
+
+Fixed since the first list (2026-12-01, before issue 11): 12 subtests in 4 files (chmod/12,
+open/02, open/03, rename/21) failed because the server process's umask (022) was applied on top
+of the caller's; creations now run with the request's umask in a thread-private fs_struct
+(devices/virtio/fs/creds.py).  Also fixed, found by hand through the same mount: RENAME_WHITEOUT
+made a 0:0 character device whatever the device-node policy (now EPERM unless allow_mknod, and
+then owned by the caller); MKNOD passed rdev=0 (now decoded from new_encode_dev, mknod/11 checks
+major,minor in the permissive run); xattrs of symlinks, FIFOs, sockets and devices answered
+ENOTSUP (now what the host says: ENODATA, or EPERM for user.* writes).  Set-gid inheritance
+is the host kernel's own now (a creation runs as the caller's fs uid/gid); the guest VFS (6.1,
+like the 6.18 host) strips S_ISGID from a non-member's file before sending the request, and the
+server keeps what it is sent (tests/test_passthrough_policy.py).
 
 What pjdfstest cannot show: it runs as root through a kernel that enforces `default_permissions`,
 so permission checks the host kernel makes before sending a request (sticky directories, rename
 and unlink permission, chown rules, O_NOATIME) pass whatever the server does with its own root
-credentials; those are covered by the security issue's own tests, not by this list.
+credentials; the passthrough deliberately leaves those checks to the guest kernel (creds.py).
+The 6.18 host kernel may send FUSE_STATX (opcode 52, FUSE 7.39) although the session is 7.37;
+the server answers ENOSYS (the kernel stops asking).
 
-Found through the same mount by hand, outside pjdfstest (inputs for the semantic fixes):
-  * renameat2(RENAME_WHITEOUT) as root through the mount creates a 0:0 character device named
-    like the source in the share: the device-node policy has a hole (issue 11 names it).
-  * MKNOD passes rdev=0 to the host whatever the request says (see DEVICES.fix).
-  * GETXATTR/LISTXATTR on symlinks, FIFOs, sockets and devices answer ENOTSUP (no xattr call is
-    made); the host kernel asks for security.capability on them (475 ENOTSUP replies in one
-    pjdfstest run).  A local file system answers ENODATA.  Harmless for pjdfstest.
-  * The 6.18 host kernel may send FUSE_STATX (opcode 52, FUSE 7.39) although the session is
-    7.37; the server answers ENOSYS (the kernel stops asking) and logs "unknown opcode 52" once.
-  * Set-gid inheritance: the host kernel (6.2+) strips S_ISGID from a file a non-member creates
-    in a set-gid directory before sending CREATE, so this mount cannot show it; the 6.1 guest
-    does not, and the passthrough (creating as root, then restoring the mode after its chown)
-    may keep the bit there.  Unverified: to check end-to-end in the guest.
-
-When a fix lands, its entries fail as "listed but passing" (a warning) and are deleted; when a
-policy option that restores POSIX behaviour exists (`allow_mknod`), a second run with it enabled
-must pass with no DEVICES entry at all.
+When a policy changes, run `python tests/pjdfstest_support.py run -o cache=never` (and the same
+with the permissive options) and update this list from its report.
 """
 
 from __future__ import annotations
@@ -79,40 +84,30 @@ DEVICES = Cause(
         "pjdfstest run with allow_mknod=true must then show no deviation from this cause."),
 )
 
-UMASK = Cause(
-    key="umask",
-    kind=BUG,
-    summary="the server process's umask (022) is applied on top of the caller's",
+SETID = Cause(
+    key="setid",
+    kind=POLICY,
+    summary="set-uid/set-gid bits on files are stripped (allow_setid: false)",
     root_cause=(
-        "CREATE, MKDIR and MKNOD: the FUSE client already applied the caller's umask (we do "
-        "not negotiate FUSE_DONT_MASK, so the kernel sends mode & ~umask, plus the umask "
-        "field, which the passthrough applies again, harmlessly).  The passthrough then "
-        "creates the entry with openat2/mkdirat/mknodat as a process whose own umask is 022 "
-        "(inherited from the shell that started the VMM), and the host kernel masks the mode "
-        "once more: `open N O_CREAT 0620` with umask 0 gives 0600 (open/02, open/03); "
-        "`create N 04777` gives 04755, so user 65534 cannot open it for writing (EACCES) and "
-        "the set-id bits stay (chmod/12: the write-by-non-owner kill-suid check never runs; "
-        "with the umask fixed, the set-id bits ARE cleared by that write, in cache=never and "
-        "cache=auto); `mkdir N 0777` gives 0755, so user 65534 cannot rename inside it "
-        "(rename/21).  A local file system masks with the caller's umask only.  The same "
-        "bug is issue 11's 'MKDIR 0777 with umask 0 gives 0755' and affects the virtio "
-        "transport identically."),
+        "SETATTR(mode), CREATE, MKNOD: devices/virtio/fs/policy.permitted_mode strips S_ISUID, "
+        "and S_ISGID of non-directories, before the host call (issue 11: a guest must not leave "
+        "a set-uid file on the host); the reply reports the mode the host has.  A local file "
+        "system keeps them: `chmod N 06555` after a chown reads back 06555 (chown/00 checks "
+        "that chown clears them and a later chmod sets them again, for every file type and "
+        "both chown and lchown), `chmod N 02755` as a group member reads back 02755 (chmod/00 "
+        "113).  Directory S_ISGID is kept by the policy (group inheritance only)."),
     fix=(
-        "The device must create with umask 0 and apply only the umask the request carries.  "
-        "Either (a) each worker thread calls unshare(CLONE_FS) and then umask(0), which gives "
-        "it a private umask without touching the rest of the VMM (virtiofsd unshares "
-        "CLONE_FS in its worker threads for this), or (b) the sandboxed device child of issue "
-        "11 sets umask(0) once at start.  Negotiating FUSE_DONT_MASK as well then leaves the "
-        "umask entirely to the server (needed for correct default-ACL behaviour).  Not done "
-        "in this phase: the passthrough and the worker are being restructured by others."),
+        "Deliberate.  `allow_setid: true` keeps the bits; the permissive run shows no "
+        "deviation then."),
 )
 
-CAUSES = {c.key: c for c in (DEVICES, UMASK)}
+CAUSES = {c.key: c for c in (DEVICES, SETID)}
 
-#: fuse-mount options that switch every POLICY cause off (device nodes and set-id bits allowed).
-#: None until they exist (issue 11, item 2); then test_pjdfstest adds a second run with them in
-#: which only BUG entries may fail.
-PERMISSIVE_OPTIONS: tuple[str, ...] | None = None
+#: fuse-mount options that switch every POLICY cause off: device nodes, set-id bits and every
+#: xattr name as a local file system has them.  test_pjdfstest's permissive run uses them and
+#: allows no deviation at all (only BUG entries could remain, and there are none).
+PERMISSIVE_OPTIONS: tuple[str, ...] | None = (
+    "allow_mknod=true", "allow_setid=true", "xattr_policy=passthrough")
 
 
 @dataclass(frozen=True)
@@ -130,13 +125,12 @@ EXPECTED: tuple[Deviation, ...] = (
     Deviation("chmod/01.t", DEVICES,
               "ENOTDIR with a device node as a path component",
               "8-13"),
+    Deviation("chmod/00.t", SETID,
+              "chmod 02755 by a member of the file's group keeps S_ISGID (POSIX)",
+              "113"),
     Deviation("chmod/11.t", DEVICES,
               "sticky bit set on device nodes by root and by the owner",
               "26-28, 30-31, 33-36, 38-39, 41, 79-81, 83-86, 88-91, 93-96, 98"),
-    Deviation("chmod/12.t", UMASK,
-              "create 04777/02777/06777 leaves 04755/02755/06755: the non-owner write (EACCES) and "
-              "the kill-suid check fail",
-              "3-4, 7-8, 11-12"),
     Deviation("chown/00.t", DEVICES,
               "chown/lchown of device nodes, set-id clearing on them",
               "50-54, 56-58, 61-70, 72-74, 77-81, 192-198, 200-202, 204-206, 208-210, 213-228, "
@@ -145,6 +139,15 @@ EXPECTED: tuple[Deviation, ...] = (
               "833-848, 972-978, 980-985, 987-1002, 1004-1009, 1011-1019, 1097-1098, 1100, 1102, "
               "1104, 1106-1108, 1110-1113, 1115, 1117, 1119, 1121-1123, 1125-1126, 1210-1215, "
               "1217-1221, 1223-1236, 1238-1242, 1244-1251"),
+    Deviation("chown/00.t", SETID,
+              "chmod 06555 after a chown, and whether chown/lchown clear the bits again, for "
+              "every file type and several users",
+              "375, 379, 385-386, 391-392, 401, 405, 412, 414, 416, 418, 422-423, 425-426, "
+              "428-429, 431-432, 438, 440, 442, 444, 449, 453, 459-460, 465-466, 475, 479, 560, "
+              "564, 570-571, 576-577, 586, 590, 597, 601, 605, 611-612, 617-618, 623-624, 633, "
+              "637, 641, 648, 652, 656, 658, 662-663, 668-669, 674-675, 677-678, 684, 688, 692, "
+              "694, 699, 703, 707, 713-714, 719-720, 725-726, 735, 739, 743, 852, 856, 860, "
+              "866-867, 872-873, 878-879, 888, 892, 896"),
     Deviation("chown/01.t", DEVICES,
               "ENOTDIR with a device node as a path component",
               "10-17"),
@@ -190,12 +193,6 @@ EXPECTED: tuple[Deviation, ...] = (
     Deviation("open/01.t", DEVICES,
               "ENOTDIR with a device node as a path component",
               "10-17"),
-    Deviation("open/02.t", UMASK,
-              "open O_CREAT 0620 of a NAME_MAX name gives 0600",
-              "2"),
-    Deviation("open/03.t", UMASK,
-              "open O_CREAT 0642 of a PATH_MAX-1 path gives 0640",
-              "2"),
     Deviation("open/22.t", DEVICES,
               "EEXIST with O_CREAT|O_EXCL when the name is a device node",
               "10-11, 13-14"),
@@ -270,9 +267,6 @@ EXPECTED: tuple[Deviation, ...] = (
     Deviation("rename/20.t", DEVICES,
               "ENOTEMPTY when the non-empty target holds a device node",
               "12-17, 19, 22, 25"),
-    Deviation("rename/21.t", UMASK,
-              "mkdir 0777 gives 0755, so user 65534 cannot rename in it",
-              "5, 12-14"),
     Deviation("rename/23.t", DEVICES,
               "rename over a multiply linked device node",
               "18-33"),

@@ -247,7 +247,8 @@ class MemFS(FileSystem):
         n.nlink += 1
         return self.entry(n)
 
-    def open(self, ctx: Context, nodeid: int, flags: int) -> tuple[int, int]:
+    def open(self, ctx: Context, nodeid: int, flags: int, open_flags: int = 0
+             ) -> tuple[int, int]:
         self.calls.append(("open", nodeid, flags))
         n = self.node(nodeid)
         if n.fd is None:
@@ -257,7 +258,7 @@ class MemFS(FileSystem):
         return fh, abi.FOPEN_KEEP_CACHE
 
     def create(self, ctx: Context, parent: int, name: bytes, mode: int, flags: int,
-               umask: int) -> tuple[Entry, int, int]:
+               umask: int, open_flags: int = 0) -> tuple[Entry, int, int]:
         self.calls.append(("create", parent, name, mode, flags, umask))
         n = self.new_node(ctx, parent, name, stat.S_IFREG | (mode & ~umask & 0o7777))
         fh = next(self.next_fh)

@@ -270,3 +270,30 @@ def test_a_request_the_server_cannot_answer_gets_eio_not_a_hang(tmp_path):
         session.stop()
         m.close()
     assert mount_fstype(mnt) is None
+
+
+@pytest.mark.parametrize("permissive", [False, True], ids=["defaults", "options"])
+def test_the_host_safety_policies_are_what_a_mount_shows(mounts, permissive):
+    """What a guest would see of the policies, seen without a VM: set-id bits, device nodes,
+    host-enforced xattrs (issue 11), through the host kernel's own FUSE client."""
+    opts = ("allow_setid=true", "allow_mknod=true", "xattr_policy=passthrough") \
+        if permissive else ()
+    fm = mounts("cache=never", *opts)
+    mnt, src = fm.mountpoint, fm.source
+    (mnt / "tool").write_bytes(b"#!/bin/sh\n")
+    os.chmod(mnt / "tool", 0o4755)
+    os.setxattr(mnt / "tool", "trusted.overlay.opaque", b"y")
+    assert os.getxattr(mnt / "tool", "trusted.overlay.opaque") == b"y"
+    mode = os.stat(src / "tool").st_mode & 0o7777
+    if permissive:
+        assert mode == 0o4755 == os.stat(mnt / "tool").st_mode & 0o7777
+        os.mknod(mnt / "null", 0o600 | 0o020000, os.makedev(1, 3))
+        assert os.stat(src / "null").st_rdev == os.makedev(1, 3)
+        assert os.getxattr(src / "tool", "trusted.overlay.opaque") == b"y"
+    else:
+        assert mode == 0o755 == os.stat(mnt / "tool").st_mode & 0o7777   # told the truth
+        with pytest.raises(PermissionError):
+            os.mknod(mnt / "null", 0o600 | 0o020000, os.makedev(1, 3))
+        assert not (src / "null").exists()
+        assert os.listxattr(src / "tool") == ["user.virtiofs.trusted.overlay.opaque"]
+    assert fm.stop() == 0

@@ -52,9 +52,9 @@ def test_getattr(fs, share):
 def test_setattr_mode_owner(fs, share):
     (share / "f").write_bytes(b"x")
     e = fs.lookup(CTX, ROOT, b"f")
-    st, _ = fs.setattr(CTX, e.nodeid, sreq(abi.FATTR_MODE, mode=stat.S_IFREG | 0o4711))
-    assert stat.S_IMODE(st.st_mode) == 0o4711
-    assert stat.S_IMODE(os.stat(share / "f").st_mode) == 0o4711
+    st, _ = fs.setattr(CTX, e.nodeid, sreq(abi.FATTR_MODE, mode=stat.S_IFREG | 0o1711))
+    assert stat.S_IMODE(st.st_mode) == 0o1711
+    assert stat.S_IMODE(os.stat(share / "f").st_mode) == 0o1711
     st, _ = fs.setattr(CTX, e.nodeid, sreq(abi.FATTR_UID | abi.FATTR_GID, uid=1000, gid=1001))
     assert (st.st_uid, st.st_gid) == (1000, 1001)
     st, _ = fs.setattr(CTX, e.nodeid, sreq(abi.FATTR_GID, gid=7))
@@ -161,9 +161,15 @@ def test_new_entries_are_owned_by_the_caller(fs, share):
         st = os.lstat(share / name)
         assert (st.st_uid, st.st_gid) == (1234, 2345), name
         assert (e.attr.st_uid, e.attr.st_gid) == (1234, 2345), name
-    # set-id bits the creator asked for survive the chown.
-    x, _, _ = fs.create(USER, ROOT, b"x", 0o4755, os.O_WRONLY, 0)
-    assert stat.S_IMODE(os.stat(share / "x").st_mode) == 0o4755
+    # The mode is the request's, under its umask only (never the VMM's).
+    old_umask = os.umask(0o077)
+    try:
+        x, _, _ = fs.create(USER, ROOT, b"x", 0o1777, os.O_WRONLY, 0o002)
+        d = fs.mkdir(USER, ROOT, b"d", 0o777, 0)
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE(os.stat(share / "x").st_mode) == 0o1775 == stat.S_IMODE(x.attr.st_mode)
+    assert stat.S_IMODE(os.stat(share / "d").st_mode) == 0o777 == stat.S_IMODE(d.attr.st_mode)
     # Existing files opened through CREATE keep their owner.
     (share / "old").write_bytes(b"x")
     fs.create(USER, ROOT, b"old", 0o644, os.O_RDONLY, 0)
@@ -454,14 +460,18 @@ def test_xattrs(fs, share):
     fs.removexattr(CTX, e.nodeid, b"user.k")
     assert "user.k" not in os.listxattr(share / "f")
     assert errno_of(fs.removexattr, CTX, e.nodeid, b"user.k") == errno.ENODATA
-    # Directories work too; symlinks and others are refused.
+    # Directories work too; on symlinks and special files the host answers as a local fs does
+    # (user.* cannot be set there: EPERM; reading one: ENODATA, not ENOTSUP).
     fs.setxattr(CTX, ROOT, b"user.d", b"1", 0)
     assert os.getxattr(share, "user.d") == b"1"
     os.symlink("f", share / "l")
-    lnk = fs.lookup(CTX, ROOT, b"l")
-    assert errno_of(fs.setxattr, CTX, lnk.nodeid, b"user.k", b"v", 0) == errno.EPERM
-    assert errno_of(fs.getxattr, CTX, lnk.nodeid, b"user.k", 10) == errno.ENOTSUP
-    assert errno_of(fs.listxattr, CTX, lnk.nodeid, 10) == errno.ENOTSUP
+    os.mkfifo(share / "p")
+    for special in (b"l", b"p"):
+        n = fs.lookup(CTX, ROOT, special).nodeid
+        assert errno_of(fs.setxattr, CTX, n, b"user.k", b"v", 0) == errno.EPERM
+        assert errno_of(fs.getxattr, CTX, n, b"user.k", 10) == errno.ENODATA
+        assert errno_of(fs.getxattr, CTX, n, b"security.capability", 10) == errno.ENODATA
+        assert fs.listxattr(CTX, n, 10) == b"" and fs.listxattr(CTX, n, 0) == 0
     assert "user.k" not in os.listxattr(share / "f")
     assert errno_of(fs.setxattr, CTX, e.nodeid, b"user.big", b"x" * 70000, 0) == errno.E2BIG
     assert errno_of(fs.setxattr, CTX, e.nodeid, b"", b"x", 0) == errno.EINVAL

@@ -55,12 +55,12 @@ def test_ranges_round_trip():
 def test_compare_sorts_failures_and_finds_fixed_entries():
     r = parse_prove_verbose(VERBOSE, T)
     listed = [expected.Deviation("chmod/00.t", expected.DEVICES, "x", "2, 6"),
-              expected.Deviation("open/02.t", expected.UMASK, "y", "3-4"),
-              expected.Deviation("link/00.t", expected.UMASK, "z", "1")]
+              expected.Deviation("open/02.t", expected.SETID, "y", "3-4"),
+              expected.Deviation("link/00.t", expected.SETID, "z", "1")]
     cmp = compare(r, listed)
     assert cmp.unexpected == {"chmod/00.t": {5: ""}, "rmdir/00.t": {
         0: "no TAP at all (the test script did not run)"}}
-    assert cmp.expected == {"devices": {"chmod/00.t": {2}}, "umask": {"open/02.t": {3, 4}}}
+    assert cmp.expected == {"devices": {"chmod/00.t": {2}}, "setid": {"open/02.t": {3, 4}}}
     assert cmp.now_passing == {"chmod/00.t": {6}} and cmp.not_run == ["link/00.t"]
     report = cmp.report(1.0, expected.CAUSES)
     assert report.index("UNEXPECTED") < report.index("PASSING now") < report.index("expected dev")

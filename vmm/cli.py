@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     fm.add_argument("mountpoint", help="empty directory to mount on")
     fm.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE",
                     help="device option as in --shared-dir (cache, timeout, negative_timeout, "
-                         "writeback, num_request_queues = serving threads, trace, trace_path)")
+                         "writeback, num_request_queues = serving threads, trace, trace_path, "
+                         "allow_setid, allow_mknod, xattr_policy, allow_selinux_xattr)")
     fm.add_argument("--metrics", type=Path, metavar="FILE",
                     help="write the device counters as JSON on exit")
     fm.add_argument("--trace", metavar="FILE", help="JSON line per FUSE request "

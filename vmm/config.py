@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import yaml
 
-from devices.virtio.fs.options import FsOptions, check_seconds
+from devices.virtio.fs.options import XATTR_POLICIES, FsOptions, check_seconds
 
 DISCOVERY_MODES = ("cmdline", "acpi", "both")
 MAX_VCPUS = 8
@@ -177,7 +177,7 @@ def check_path(value: str, base: Path, must_exist: bool, directory: bool,
 
 # --------------------------------------------------------------------------------------------
 
-FS_BOOL_KEYS = ("writeback", "trace")
+FS_BOOL_KEYS = ("writeback", "trace", "allow_setid", "allow_mknod", "allow_selinux_xattr")
 
 
 def fs_options(values: dict[str, Any], error: Callable[[str, str], Exception], base: Path) -> FsOptions:
@@ -221,6 +221,8 @@ def _parse_fs_device(section: _Section, base: Path) -> FsOptions:
         values["num_request_queues"] = section.take_int("num_request_queues", 1, 1, 64)
     if "cache" in section.data:
         values["cache"] = section.take_choice("cache", "auto", ("never", "auto", "always"))
+    if "xattr_policy" in section.data:
+        values["xattr_policy"] = section.take_choice("xattr_policy", "remap", XATTR_POLICIES)
     for key in ("timeout", "negative_timeout"):
         if key in section.data:
             values[key] = section.take_seconds(key, 0.0)
@@ -325,7 +327,8 @@ def parse_shared_dir(spec: str, base: Path | None = None) -> FsOptions:
 
 
 FS_OPTION_KEYS = ("type", "cache", "timeout", "negative_timeout", "writeback",
-                  "num_request_queues", "trace", "trace_path")
+                  "num_request_queues", "trace", "trace_path", "allow_setid", "allow_mknod",
+                  "xattr_policy", "allow_selinux_xattr")
 
 
 def parse_fs_option_items(where: str, source: str, tag: str, items: list[str],
@@ -358,6 +361,10 @@ def parse_fs_option_items(where: str, source: str, tag: str, items: list[str],
         elif key == "cache":
             if raw not in ("never", "auto", "always"):
                 raise error(key, f"must be one of never, auto, always, got {raw!r}")
+            values[key] = raw
+        elif key == "xattr_policy":
+            if raw not in XATTR_POLICIES:
+                raise error(key, f"must be one of {', '.join(XATTR_POLICIES)}, got {raw!r}")
             values[key] = raw
         elif key in FS_BOOL_KEYS:
             if raw not in ("true", "false"):

@@ -8,21 +8,21 @@ binary, can bring one back) and locks the securebits that make uid 0 special:
 
 * SECBIT_NOROOT (+ locked): exec as uid 0 grants no capabilities.
 * SECBIT_NO_CAP_AMBIENT_RAISE (+ locked): the ambient set stays empty.
-* SECBIT_KEEP_CAPS off (+ locked) and SECBIT_NO_SETUID_FIXUP off (+ locked): should the device
-  ever switch to a guest's uid, the kernel drops its capabilities as it does for any process.
+* SECBIT_KEEP_CAPS off (+ locked) and SECBIT_NO_SETUID_FIXUP off (+ locked): a switch of the
+  device's uid would drop its capabilities as for any process.  (The fs-uid switch of a
+  creation drops the file-system ones; creds.py raises them again, within the permitted set.)
 
 Why each capability of the default set (``FS_DEVICE_CAPS``) is kept:
 
 ========== ===========================================================================
-CHOWN      give new entries the guest caller's uid/gid; SETATTR uid/gid
+CHOWN      SETATTR uid/gid (the guest's chown)
 DAC_OVERRIDE  read/write/search any file in the share whatever its mode (the guest kernel
            already checked the caller's permissions: default_permissions)
 FOWNER     chmod, utimes, xattrs and O_NOATIME on files the device does not own
 FSETID     keep set-id bits where the guest asked for them (chmod g+s of a file whose group
            the device is not in would otherwise silently lose S_ISGID)
-SETUID, SETGID  credential switching per request (crosvm's ScopedUid); the current
-           passthrough chowns instead, and the seccomp policy allows no set*id call, so
-           they are inert until both change
+SETUID, SETGID  a creation runs with the guest caller's fs uid/gid (setfsuid/setfsgid,
+           devices/virtio/fs/creds.py), so new entries get the caller's ownership
 MKNOD      only with ``allow_mknod``: device nodes in the share
 SETFCAP    only with ``allow_setfcap``: the ``security.capability`` xattr
 ========== ===========================================================================

@@ -39,8 +39,11 @@ from devices.virtio.queue import (
     Queue,
     QueueConfigError,
 )
+from fuse.logthrottle import LogThrottle
 
 logger = logging.getLogger(__name__)
+#: A guest can fail activations or give up on a device as often as it resets it: sampled.
+_guest_log = LogThrottle(logger)
 
 # linux/virtio_mmio.h
 VIRTIO_MMIO_MAGIC_VALUE = 0x000
@@ -185,8 +188,8 @@ class MmioTransport:
                 return b"\xff" * max(size, 0)
             try:
                 return self.device.read_config(offset - VIRTIO_MMIO_CONFIG, size)
-            except Exception:  # a device bug must not kill the vCPU
-                logger.exception("virtio-mmio: read_config failed")
+            except Exception as e:  # a device bug must not kill the vCPU (nor flood the log)
+                _guest_log.bug("virtio-mmio read_config", e, "reading 0xff")
                 return b"\xff" * size
         if size != 4 or offset % 4:
             self._log(f"read-width-{offset:#x}-{size}", "virtio-mmio: ignoring %d-byte read at %#x "
@@ -206,8 +209,8 @@ class MmioTransport:
                 self.device.write_config(offset - VIRTIO_MMIO_CONFIG, bytes(data))
             except PermissionError:
                 self._log("cfg-ro", "virtio-mmio: ignoring write to read-only config space at %#x", offset)
-            except Exception:
-                logger.exception("virtio-mmio: write_config failed")
+            except Exception as e:
+                _guest_log.bug("virtio-mmio write_config", e, "write ignored")
             return
         if size != 4 or offset % 4:
             self._log(f"write-width-{offset:#x}-{size}", "virtio-mmio: ignoring %d-byte write at %#x "
@@ -365,7 +368,8 @@ class MmioTransport:
                     self.status = new
                     self._activate()
         if value & VIRTIO_CONFIG_S_FAILED and not old & VIRTIO_CONFIG_S_FAILED:
-            logger.warning("virtio-mmio: driver gave up on device type %d (FAILED)", self.device.device_type)
+            _guest_log.warn("virtio-mmio: driver gave up on device type %d (FAILED)",
+                            self.device.device_type)
             new |= VIRTIO_CONFIG_S_FAILED
             if self.activated:
                 self.device.reset()  # the guest will not use it any more; stop serving
@@ -405,8 +409,8 @@ class MmioTransport:
                 raise QueueConfigError("DRIVER_OK with no queue ready")
             self.device.activate(self.memory, self.interrupt, queues, list(self.queue_events))
         except Exception as e:  # QueueConfigError, or a device that could not start
-            logger.error("virtio-mmio: cannot activate device type %d: %s; setting DEVICE_NEEDS_RESET",
-                         self.device.device_type, e)
+            _guest_log.log(logging.ERROR, "virtio-mmio: cannot activate device type %d: %s; "
+                           "setting DEVICE_NEEDS_RESET", self.device.device_type, e)
             for q in queues:
                 if q is not None:
                     q.close()

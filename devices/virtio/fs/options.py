@@ -18,6 +18,13 @@ FS_MAX_TAG_LEN = 36
 #: Accepted cache policies (same meaning as crosvm's ``cache=``).
 CACHE_POLICIES = ("never", "auto", "always")
 
+#: What happens to guest xattr names that would change what the host kernel enforces
+#: (``security.*``, ``trusted.*``, ``system.*``; see devices/virtio/fs/policy.py):
+#: ``remap`` stores them under a private ``user.virtiofs.`` prefix (the default: the guest keeps
+#: working and reads back what it set, the host ignores them), ``refuse`` answers EPERM,
+#: ``passthrough`` sets them on the host as they are.
+XATTR_POLICIES = ("remap", "refuse", "passthrough")
+
 
 #: Timeouts at or above this are refused rather than silently capped (FUSE carries validity as
 #: u64 seconds; nobody means 300 billion years).
@@ -65,6 +72,12 @@ class FsOptions:
     writeback: bool = False
     trace: bool = False            # JSON-lines trace of every request
     trace_path: str | None = None
+    # Policies that keep a hostile guest from changing what the host enforces (README, "Host
+    # safety policies"); each option restores exact POSIX behaviour for a trusted guest.
+    allow_setid: bool = False      # set-uid/set-gid bits on new entries and chmod (files)
+    allow_mknod: bool = False      # character/block device nodes (MKNOD, RENAME_WHITEOUT)
+    xattr_policy: str = "remap"    # remap | refuse | passthrough (see XATTR_POLICIES)
+    allow_selinux_xattr: bool = False  # security.selinux goes to the host as it is
 
     def __post_init__(self) -> None:
         # source
@@ -108,8 +121,12 @@ class FsOptions:
         object.__setattr__(self, "negative_timeout",
                            _seconds_field("negative_timeout", self.negative_timeout))
 
+        if self.xattr_policy not in XATTR_POLICIES:
+            raise ValueError(f"xattr_policy must be one of {'|'.join(XATTR_POLICIES)}, "
+                             f"got {self.xattr_policy!r}")
+
         # flags
-        for field in ("writeback", "trace"):
+        for field in ("writeback", "trace", "allow_setid", "allow_mknod", "allow_selinux_xattr"):
             if not isinstance(getattr(self, field), bool):
                 raise ValueError(f"{field} must be a bool, got {getattr(self, field)!r}")
         if self.trace_path is not None and (not isinstance(self.trace_path, str)

@@ -17,11 +17,18 @@ Confinement model (what keeps every request inside the shared directory):
 * Hard links are made from the inode's own fd (linkat AT_EMPTY_PATH), so the guest can only
   link inodes it already reached inside the share.
 
-Credentials: the VMM runs as root and every operation runs with its credentials; the guest
-kernel enforces permissions itself (virtio-fs mounts use default_permissions). To keep
-ownership right, new entries (create/mkdir/mknod/symlink) are chowned to the caller's uid/gid
-when we run as root (the gid is left alone in set-group-ID directories, as the kernel would).
-crosvm switches the thread's euid instead; the visible result is the same.
+Credentials: the VMM runs as root and the guest kernel enforces permissions itself (virtio-fs
+mounts use default_permissions, with the caller's full credentials, supplementary groups included,
+which FUSE 7.37 does not send), so requests run with the device's credentials and the host kernel
+does not check them again.  The one exception is creation (MKNOD, MKDIR, SYMLINK, CREATE, a
+whiteout): it runs as the caller's fs uid/gid with the request's umask (creds.py), so the host
+kernel gives the entry the caller's ownership and the guest's mode atomically, as crosvm and
+virtiofsd do.  A creation whose reply is an error (e.g. no fd left to register the entry) is
+undone, so an error never leaves an entry behind.
+
+Policies (policy.py): set-id bits, device nodes and xattr names a guest may leave on the host are
+limited by default (``allow_setid``, ``allow_mknod``, ``xattr_policy``); set-id bits are killed
+on write, truncate and chown as a local file system does (FUSE_HANDLE_KILLPRIV_V2).
 
 Every public method raises only OSError with a meaningful errno (see ``_guard``).
 """
@@ -46,13 +53,17 @@ from fuse.limits import (
     check_xattr_name,
     check_xattr_size,
 )
+from fuse.logthrottle import LogThrottle
 
-from . import syscalls
+from . import creds, syscalls
 from .handles import HandleTable
 from .inodes import ROOT_ID, Inode, InodeTable, proc_fd_path
 from .options import FsOptions
+from .policy import XattrMap, decode_rdev, kill_bits, permitted_mode
 
 logger = logging.getLogger(__name__)
+#: Log lines a guest can cause from here (bugs it can trigger again and again) are rate-limited.
+_log = LogThrottle(logger)
 
 _XATTR_CREATE = getattr(os, "XATTR_CREATE", 1)
 _XATTR_REPLACE = getattr(os, "XATTR_REPLACE", 2)
@@ -76,15 +87,15 @@ def _guard(fn: _F) -> _F:
             return fn(self, *args, **kwargs)
         except OSError as e:
             if not e.errno or e.errno <= 0:
-                logger.warning("%s: OSError without errno: %s", fn.__name__, e)
+                _log.warn("%s: OSError without errno: %s", fn.__name__, e)
                 raise OSError(errno.EIO, os.strerror(errno.EIO)) from None
             raise
         except (ValueError, OverflowError, TypeError) as e:
             # Malformed arguments (embedded NUL, out-of-range offsets, wrong types).
             logger.debug("%s: invalid argument: %s", fn.__name__, e)
             raise OSError(errno.EINVAL, str(e)) from None
-        except Exception:  # noqa: BLE001 - the contract is "only OSError escapes"
-            logger.exception("%s: unexpected error", fn.__name__)
+        except Exception as e:  # noqa: BLE001 - the contract is "only OSError escapes"
+            _log.bug(fn.__name__, e)
             raise OSError(errno.EIO, os.strerror(errno.EIO)) from None
 
     return wrapper  # type: ignore[return-value]
@@ -98,8 +109,8 @@ def _guard_iter(name: str, it: Iterator[Any]) -> Iterator[Any]:
         if not e.errno or e.errno <= 0:
             raise OSError(errno.EIO, os.strerror(errno.EIO)) from None
         raise
-    except Exception:  # noqa: BLE001
-        logger.exception("%s: unexpected error while iterating", name)
+    except Exception as e:  # noqa: BLE001
+        _log.bug(name, e)
         raise OSError(errno.EIO, os.strerror(errno.EIO)) from None
 
 
@@ -129,6 +140,7 @@ class PassthroughFs(FileSystem):
         self._inodes = InodeTable()
         self._handles = HandleTable()
         self._as_root = os.geteuid() == 0
+        self._xattrs = XattrMap(options.xattr_policy, options.allow_selinux_xattr)
         self._open_root()
 
     # ------------------------------------------------------------------ helpers
@@ -194,26 +206,56 @@ class PassthroughFs(FileSystem):
     def _do_lookup(self, parent: Inode, name: bytes) -> Entry:
         return self._add(self._lookup_fd(parent, name))
 
-    def _chown_new(self, ctx: Context | None, parent: Inode, fd: int) -> None:
-        """Give a just-created entry the caller's ownership (see module docstring)."""
-        if not self._as_root or ctx is None:
+    def _creating(self, ctx: Context, umask: int) -> Any:
+        """Context for a creation as the caller (see module docstring and creds.py)."""
+        return creds.creating_as(ctx.uid, ctx.gid, umask, self._as_root)
+
+    def _enter_new(self, ctx: Context, parent: Inode, name: bytes, ftype: int) -> Entry:
+        """Register the entry this request just created as `name`; if that fails (EMFILE, a
+        limit), remove the entry again so the error reply leaves nothing behind."""
+        try:
+            return self._do_lookup(parent, name)
+        except BaseException:
+            self._undo_create(ctx, parent, name, ftype)
+            raise
+
+    def _undo_create(self, ctx: Context, parent: Inode, name: bytes, ftype: int) -> None:
+        """Remove `name`, just created by this request, unless it is visibly not ours any more
+        (another type or owner: replaced from the host in between)."""
+        try:
+            st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+            if stat.S_IFMT(st.st_mode) != ftype or (self._as_root and st.st_uid != ctx.uid):
+                return
+            if ftype == stat.S_IFDIR:
+                os.rmdir(name, dir_fd=parent.fd)
+            else:
+                os.unlink(name, dir_fd=parent.fd)
+        except OSError as e:
+            _log.warn("could not remove %r after a failed creation: %s", name, e)
+
+    def _kill_setid(self, target: int | str, st: os.stat_result) -> None:
+        """Clear the set-id bits a write/truncate/chown by an unprivileged caller clears
+        (policy.kill_bits).  ``target`` is an open fd (not O_PATH) or a path."""
+        kill = kill_bits(st.st_mode)
+        if kill:
+            mode = stat.S_IMODE(st.st_mode) & ~kill
+            if isinstance(target, int):
+                os.fchmod(target, mode)
+            else:
+                os.chmod(target, mode)
+
+    def _kill_remapped_capability(self, target: int | str) -> None:
+        """A write, truncate or chown removes a file capability (the VFS's ATTR_KILL_PRIV, for
+        every caller).  The host kernel does it for a real security.capability; a remapped one
+        is only a user xattr to it, so it is removed here."""
+        name = self._xattrs.remapped_capability
+        if name is None or syscalls.xattr_absent(target, name):
             return
         try:
-            pst = os.fstat(parent.fd)
-            gid = -1 if pst.st_mode & stat.S_ISGID else ctx.gid
-            st = os.fstat(fd)
-            special = st.st_mode & (stat.S_ISUID | stat.S_ISGID)
-            syscalls.fchownat_empty(fd, ctx.uid, gid)
-            if special and not stat.S_ISLNK(st.st_mode) and not stat.S_ISDIR(st.st_mode):
-                # chown clears set-id bits even for root; the creator asked for them.
-                os.chmod(proc_fd_path(fd), stat.S_IMODE(st.st_mode))
+            os.removexattr(target, name)
         except OSError as e:
-            logger.warning("could not chown new entry to %d:%d: %s", ctx.uid, ctx.gid, e)
-
-    def _lookup_new(self, ctx: Context | None, parent: Inode, name: bytes) -> Entry:
-        fd = self._lookup_fd(parent, name)
-        self._chown_new(ctx, parent, fd)
-        return self._add(fd)
+            if e.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EPERM):
+                raise
 
     # ------------------------------------------------------------------ session
 
@@ -223,8 +265,13 @@ class PassthroughFs(FileSystem):
         and has already ended any previous session with destroy(), which closed the root."""
         if not len(self._inodes):
             self._open_root()
+        # HANDLE_KILLPRIV_V2: set-id bits are cleared here, on the guest's flags (policy.py),
+        # so the guest stops sending GETXATTR(security.capability) before every WRITE.
+        # DONT_MASK: the umask is applied here (creds.py), by the host kernel, which also knows
+        # when a default ACL replaces it; the guest sends the mode and its umask.
         want = (abi.FUSE_DO_READDIRPLUS | abi.FUSE_READDIRPLUS_AUTO | abi.FUSE_PARALLEL_DIROPS
-                | abi.FUSE_ATOMIC_O_TRUNC | abi.FUSE_BIG_WRITES | abi.FUSE_ASYNC_READ)
+                | abi.FUSE_ATOMIC_O_TRUNC | abi.FUSE_BIG_WRITES | abi.FUSE_ASYNC_READ
+                | abi.FUSE_HANDLE_KILLPRIV_V2 | abi.FUSE_DONT_MASK)
         if self.options.cache != "never":
             want |= abi.FUSE_CACHE_SYMLINKS
         if self.options.cache == "auto":
@@ -301,18 +348,25 @@ class PassthroughFs(FileSystem):
             if valid & abi.FATTR_MODE:
                 if inode.is_symlink:
                     raise _err(errno.EOPNOTSUPP, "chmod of a symlink")
-                os.chmod(inode.proc_path, _check_int(req.mode, "mode", 0, 0xFFFFFFFF) & 0o7777)
+                mode = _check_int(req.mode, "mode", 0, 0xFFFFFFFF)
+                os.chmod(inode.proc_path,
+                         permitted_mode(mode, inode.is_dir, self.options.allow_setid))
 
             if valid & (abi.FATTR_UID | abi.FATTR_GID):
                 uid = _check_int(req.uid, "uid", 0, 0xFFFFFFFF) if valid & abi.FATTR_UID else -1
                 gid = _check_int(req.gid, "gid", 0, 0xFFFFFFFF) if valid & abi.FATTR_GID else -1
+                # The host kernel clears set-id bits of a non-directory here itself.
                 syscalls.fchownat_empty(inode.fd, uid, gid)
+                if inode.is_reg:
+                    self._kill_remapped_capability(inode.proc_path)
+
+            if valid & abi.FATTR_KILL_SUIDGID and not valid & abi.FATTR_MODE and inode.is_reg:
+                # Before a truncate, as the VFS does: never new data with old privileges.
+                self._kill_setid(inode.proc_path, os.fstat(inode.fd))
 
             if valid & abi.FATTR_SIZE:
                 self._truncate(inode, req, _check_int(req.size, "size"))
-
-            if valid & abi.FATTR_KILL_SUIDGID and not valid & abi.FATTR_MODE and inode.is_reg:
-                self._kill_suidgid_path(inode)
+                self._kill_remapped_capability(inode.proc_path)
 
             a_now = bool(req.atime_now or valid & abi.FATTR_ATIME_NOW)
             m_now = bool(req.mtime_now or valid & abi.FATTR_MTIME_NOW)
@@ -355,15 +409,6 @@ class PassthroughFs(FileSystem):
         finally:
             os.close(fd)
 
-    @staticmethod
-    def _kill_suidgid_path(inode: Inode) -> None:
-        st = os.fstat(inode.fd)
-        kill = stat.S_ISUID
-        if st.st_mode & stat.S_IXGRP:
-            kill |= stat.S_ISGID
-        if st.st_mode & kill:
-            os.chmod(inode.proc_path, stat.S_IMODE(st.st_mode) & ~kill)
-
     @_guard
     def readlink(self, ctx: Context, nodeid: int) -> bytes:
         with self._inodes.pin(nodeid) as inode:
@@ -378,8 +423,9 @@ class PassthroughFs(FileSystem):
         target = check_symlink_target(target)
         with self._inodes.pin_dir(parent) as p:
             # The target is only text stored in the link; the server never follows it.
-            os.symlink(target, name, dir_fd=p.fd)
-            return self._lookup_new(ctx, p, name)
+            with self._creating(ctx, 0):
+                os.symlink(target, name, dir_fd=p.fd)
+            return self._enter_new(ctx, p, name, stat.S_IFLNK)
 
     @_guard
     def mknod(self, ctx: Context, parent: int, name: bytes, mode: int, rdev: int,
@@ -388,22 +434,32 @@ class PassthroughFs(FileSystem):
         mode = _check_int(mode, "mode", 0, 0xFFFFFFFF)
         umask = _check_int(umask, "umask", 0, 0xFFFFFFFF)
         ftype = stat.S_IFMT(mode) or stat.S_IFREG
+        dev = 0
         if ftype in (stat.S_IFCHR, stat.S_IFBLK):
-            raise _err(errno.EPERM, "device nodes are not allowed in the share")
-        if ftype not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK):
+            if not self.options.allow_mknod:
+                raise _err(errno.EPERM, "device nodes are not allowed in the share "
+                                        "(allow_mknod)")
+            dev = decode_rdev(_check_int(rdev, "rdev", 0, 0xFFFFFFFF))
+        elif ftype == stat.S_IFDIR:
+            raise _err(errno.EPERM, "mknod of a directory")      # as mknod(2) says
+        elif ftype not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK):
             raise _err(errno.EINVAL, "bad file type for mknod")
+        perm = permitted_mode(mode, False, self.options.allow_setid)
         with self._inodes.pin_dir(parent) as p:
-            os.mknod(name, ftype | (mode & 0o7777 & ~umask), 0, dir_fd=p.fd)
-            return self._lookup_new(ctx, p, name)
+            with self._creating(ctx, umask):
+                os.mknod(name, ftype | perm, dev, dir_fd=p.fd)
+            return self._enter_new(ctx, p, name, ftype)
 
     @_guard
     def mkdir(self, ctx: Context, parent: int, name: bytes, mode: int, umask: int) -> Entry:
         name = check_name(name)
         mode = _check_int(mode, "mode", 0, 0xFFFFFFFF)
         umask = _check_int(umask, "umask", 0, 0xFFFFFFFF)
+        perm = permitted_mode(mode, True, self.options.allow_setid)
         with self._inodes.pin_dir(parent) as p:
-            os.mkdir(name, mode & 0o7777 & ~umask, dir_fd=p.fd)
-            return self._lookup_new(ctx, p, name)
+            with self._creating(ctx, umask):
+                os.mkdir(name, perm, dir_fd=p.fd)
+            return self._enter_new(ctx, p, name, stat.S_IFDIR)
 
     @_guard
     def unlink(self, ctx: Context, parent: int, name: bytes) -> None:
@@ -426,10 +482,18 @@ class PassthroughFs(FileSystem):
         if flags & ~(syscalls.RENAME_NOREPLACE | syscalls.RENAME_EXCHANGE
                      | syscalls.RENAME_WHITEOUT):
             raise _err(errno.EINVAL, "unknown rename flags")
+        if flags & syscalls.RENAME_WHITEOUT and not self.options.allow_mknod:
+            # A whiteout is a 0:0 character device left at the old name: a device node, and
+            # what the host kernel refuses a caller without CAP_MKNOD.
+            raise _err(errno.EPERM, "RENAME_WHITEOUT makes a device node (allow_mknod)")
         with self._inodes.pin(parent) as p, self._inodes.pin(newparent) as np:
             if not p.is_dir or not np.is_dir:
                 raise _err(errno.ENOTDIR)
-            syscalls.renameat2(p.fd, name, np.fd, newname, flags)
+            if flags & syscalls.RENAME_WHITEOUT:
+                with self._creating(ctx, 0):     # the whiteout belongs to the caller
+                    syscalls.renameat2(p.fd, name, np.fd, newname, flags)
+            else:
+                syscalls.renameat2(p.fd, name, np.fd, newname, flags)
 
     @_guard
     def link(self, ctx: Context, nodeid: int, newparent: int, newname: bytes) -> Entry:
@@ -454,7 +518,8 @@ class PassthroughFs(FileSystem):
     # ------------------------------------------------------------------ files
 
     @_guard
-    def open(self, ctx: Context, nodeid: int, flags: int) -> tuple[int, int]:
+    def open(self, ctx: Context, nodeid: int, flags: int, open_flags: int = 0
+             ) -> tuple[int, int]:
         oflags = self._open_flags(flags)
         with self._inodes.pin(nodeid) as inode:
             if inode.is_dir:
@@ -466,43 +531,67 @@ class PassthroughFs(FileSystem):
                 # the worker thread.
                 raise _err(errno.ENXIO, "not a regular file")
             fd = os.open(inode.proc_path, oflags)
+            try:
+                self._truncated(fd, oflags, open_flags)
+            except BaseException:
+                os.close(fd)
+                raise
             return self._handles.add(nodeid, fd, False), self._fopen_flags(False)
+
+    def _truncated(self, fd: int, oflags: int, open_flags: int) -> None:
+        """An open with O_TRUNC truncated the file: clear what a truncate clears."""
+        if not oflags & os.O_TRUNC:
+            return
+        if open_flags & abi.FUSE_OPEN_KILL_SUIDGID:
+            self._kill_setid(fd, os.fstat(fd))
+        self._kill_remapped_capability(fd)
 
     @_guard
     def create(self, ctx: Context, parent: int, name: bytes, mode: int, flags: int,
-               umask: int) -> tuple[Entry, int, int]:
+               umask: int, open_flags: int = 0) -> tuple[Entry, int, int]:
         name = check_name(name)
         mode = _check_int(mode, "mode", 0, 0xFFFFFFFF)
         umask = _check_int(umask, "umask", 0, 0xFFFFFFFF)
         oflags = self._open_flags(flags)
         want_excl = bool(flags & os.O_EXCL)
+        perm = permitted_mode(mode, False, self.options.allow_setid)
         with self._inodes.pin_dir(parent) as p:
-            fd, created = self._create_open(p, name, oflags, mode & 0o7777 & ~umask, want_excl)
+            fd, created = self._create_open(ctx, p, name, oflags, perm, umask, want_excl)
             try:
                 st = os.fstat(fd)
                 if not stat.S_ISREG(st.st_mode):
                     raise _err(errno.EISDIR if stat.S_ISDIR(st.st_mode) else errno.ENXIO)
                 if not oflags & os.O_NONBLOCK:
                     fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+                if not created:
+                    self._truncated(fd, oflags, open_flags)
                 opath = os.open(proc_fd_path(fd), os.O_PATH | os.O_CLOEXEC)
-                if created:
-                    self._chown_new(ctx, p, opath)
                 entry = self._add(opath)
             except BaseException:
+                if created:
+                    self._undo_create(ctx, p, name, stat.S_IFREG)
                 os.close(fd)
                 raise
-            fh = self._handles.add(entry.nodeid, fd, False)
+            try:
+                fh = self._handles.add(entry.nodeid, fd, False)   # closes fd if it fails
+            except BaseException:
+                self._inodes.forget(entry.nodeid, 1)
+                if created:
+                    self._undo_create(ctx, p, name, stat.S_IFREG)
+                raise
             return entry, fh, self._fopen_flags(False)
 
-    def _create_open(self, p: Inode, name: bytes, oflags: int, mode: int,
-                     want_excl: bool) -> tuple[int, bool]:
+    def _create_open(self, ctx: Context, p: Inode, name: bytes, oflags: int, mode: int,
+                     umask: int, want_excl: bool) -> tuple[int, bool]:
         """Open or create `name`; returns (fd, created). O_EXCL is tried first so that only
-        files we really created get chowned. O_NONBLOCK keeps an existing FIFO from blocking
+        files we really created count as ours (their owner and mode are the caller's; an
+        existing file is opened as the device). O_NONBLOCK keeps an existing FIFO from blocking
         the worker (it is refused after the fstat)."""
         base = oflags | os.O_NOFOLLOW | os.O_NONBLOCK
         for _ in range(8):
             try:
-                fd = syscalls.openat2(p.fd, name, base | os.O_CREAT | os.O_EXCL, mode)
+                with self._creating(ctx, umask):
+                    fd = syscalls.openat2(p.fd, name, base | os.O_CREAT | os.O_EXCL, mode)
                 return fd, True
             except OSError as e:
                 if e.errno != errno.EEXIST or want_excl:
@@ -534,17 +623,16 @@ class PassthroughFs(FileSystem):
         size = _check_int(size, "size", 0, 0xFFFFFFFF)
         offset = _check_int(offset, "offset")
         with self._handles.pin(fh, nodeid) as h:
+            # Privileges go before the data arrives, as in the VFS (file_remove_privs).
+            if write_flags & abi.FUSE_WRITE_KILL_SUIDGID:
+                self._kill_setid(h.fd, os.fstat(h.fd))
+            self._kill_remapped_capability(h.fd)
             total = 0
             while total < size:
                 n = reader.read_to_fd(h.fd, size - total, offset + total)
                 if n <= 0:
                     break
                 total += n
-            if write_flags & abi.FUSE_WRITE_KILL_SUIDGID:
-                st = os.fstat(h.fd)
-                kill = stat.S_ISUID | (stat.S_ISGID if st.st_mode & stat.S_IXGRP else 0)
-                if st.st_mode & kill:
-                    os.fchmod(h.fd, stat.S_IMODE(st.st_mode) & ~kill)
             return total
 
     @_guard
@@ -705,30 +793,39 @@ class PassthroughFs(FileSystem):
         if mask & ~bits:
             raise _err(errno.EACCES)
 
-    def _xattr_path(self, inode: Inode, modifying: bool) -> str:
-        """xattr syscalls do not accept O_PATH fds; the magic link reaches exactly the inode.
-        Only regular files and directories carry our xattrs (a symlink's /proc path would
-        otherwise be refused by the kernel in confusing ways)."""
-        if not (inode.is_reg or inode.is_dir):
-            raise _err(errno.EPERM if modifying else errno.ENOTSUP)
+    @staticmethod
+    def _xattr_path(inode: Inode) -> str:
+        """xattr syscalls do not accept O_PATH fds; the magic link reaches exactly the inode
+        (for a symlink, FIFO, socket or device node too: the link is followed to that inode
+        and no further, and nothing is opened), so the host answers as a local file system
+        would (e.g. user.* on a symlink: EPERM to set, ENODATA to get)."""
         return inode.proc_path
+
+    def _host_xattr_name(self, name: bytes, modifying: bool) -> bytes:
+        host = self._xattrs.to_host(check_xattr_name(name))
+        if host is None:
+            # Refused by xattr_policy: it cannot be set, and reads as absent (the guest
+            # kernel's own lookups, e.g. security.capability at exec, must not fail).
+            raise _err(errno.EPERM if modifying else errno.ENODATA,
+                       f"xattr {name[:64]!r} refused by xattr_policy")
+        return host
 
     @_guard
     def setxattr(self, ctx: Context, nodeid: int, name: bytes, value: bytes, flags: int) -> None:
-        name = check_xattr_name(name)
+        host = self._host_xattr_name(name, True)
         value = bytes(value)
         check_xattr_size(len(value))
         if flags not in (0, _XATTR_CREATE, _XATTR_REPLACE):
             raise _err(errno.EINVAL, "bad setxattr flags")
         with self._inodes.pin(nodeid) as inode:
-            os.setxattr(self._xattr_path(inode, True), name, value, flags)
+            os.setxattr(self._xattr_path(inode), host, value, flags)
 
     @_guard
     def getxattr(self, ctx: Context, nodeid: int, name: bytes, size: int) -> bytes | int:
-        name = check_xattr_name(name)
+        host = self._host_xattr_name(name, False)
         size = _check_int(size, "size", 0, 0xFFFFFFFF)
         with self._inodes.pin(nodeid) as inode:
-            value = os.getxattr(self._xattr_path(inode, False), name)
+            value = os.getxattr(self._xattr_path(inode), host)
         if size == 0:
             return len(value)
         if len(value) > size:
@@ -739,8 +836,8 @@ class PassthroughFs(FileSystem):
     def listxattr(self, ctx: Context, nodeid: int, size: int) -> bytes | int:
         size = _check_int(size, "size", 0, 0xFFFFFFFF)
         with self._inodes.pin(nodeid) as inode:
-            names = os.listxattr(self._xattr_path(inode, False))
-        data = b"".join(os.fsencode(n) + b"\0" for n in names)
+            names = os.listxattr(self._xattr_path(inode))
+        data = self._xattrs.guest_list([os.fsencode(n) for n in names])
         if size == 0:
             return len(data)
         if len(data) > size:
@@ -749,9 +846,8 @@ class PassthroughFs(FileSystem):
 
     @_guard
     def removexattr(self, ctx: Context, nodeid: int, name: bytes) -> None:
-        name = check_xattr_name(name)
+        host = self._host_xattr_name(name, True)
         with self._inodes.pin(nodeid) as inode:
-            os.removexattr(self._xattr_path(inode, True), name)
-
+            os.removexattr(self._xattr_path(inode), host)
 
 __all__ = ["PassthroughFs", "ROOT_ID"]

@@ -31,8 +31,11 @@ from devices.virtio.device import LogOnce
 from devices.virtio.interrupt import Interrupt
 from devices.virtio.queue import DescriptorChain, InvalidChain, Queue, QueueBroken
 from fuse import abi
+from fuse.logthrottle import LogThrottle
 
 logger = logging.getLogger(__name__)
+#: A guest can break a ring again after every reset: those lines are sampled.
+_guest_log = LogThrottle(logger)
 
 _OPCODE_UNIQUE = struct.Struct("<4xIQ")  # fuse_in_header: len, opcode, unique
 
@@ -166,7 +169,8 @@ class FsWorker:
                 returned += 1
                 continue
             except QueueBroken as e:
-                logger.error("virtio-fs queue %d: %s; queue stopped, device needs reset", i, e)
+                _guest_log.log(logging.ERROR, "virtio-fs queue %d: %s; queue stopped, device "
+                               "needs reset", i, e)
                 self._broken.add(i)
                 self.counters.broken_queues += 1
                 self.interrupt.signal_needs_reset()
