@@ -1,8 +1,10 @@
 """Log lines a guest can cause, limited so that a hostile or broken guest cannot flood the host log.
 
-Two kinds: malformed requests (every one is worth knowing about at first, then only a sample, with a
-running count), and filesystem bugs (a traceback the first time for each op and exception type,
-then one line).  The counts of what happened stay exact in the metrics; only the log is thinned.
+Three kinds: malformed requests (every one is worth knowing about at first, then only a sample, with
+a running count), filesystem bugs (a traceback the first time for each op and exception type, then
+one line), and named events a guest can repeat at will, such as a failed device activation or a
+broken ring (:meth:`LogThrottle.sample`: the 1st, 2nd, 4th, 8th... of each kind).  The counts of
+what happened stay exact in the metrics; only the log is thinned.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ class LogThrottle:
         self._lock = threading.Lock()
         self._warnings = 0
         self._bugs: set[tuple[str, type]] = set()
+        self._kinds: dict[str, int] = {}
 
     def warn(self, msg: str, *args: Any) -> None:
         """A malformed request: the first FULL_WARNINGS, then the 64th, 128th, 256th..."""
@@ -47,3 +50,15 @@ class LogThrottle:
         else:
             self._logger.warning("%s: unexpected %s again (%s), replying EIO", op,
                                  type(exc).__name__, exc)
+
+    def sample(self, kind: str, level: int, msg: str, *args: Any) -> None:
+        """An event of ``kind`` (a fixed string chosen by the caller, never guest data): the
+        1st, 2nd, 4th, 8th... occurrence is logged at ``level``, with the running count."""
+        with self._lock:
+            n = self._kinds.get(kind, 0) + 1
+            self._kinds[kind] = n
+        if n & (n - 1) == 0:
+            if n > 1:
+                msg += " (%d times so far; logging every power of two)"
+                args += (n,)
+            self._logger.log(level, msg, *args, stacklevel=2)
