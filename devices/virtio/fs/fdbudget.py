@@ -71,8 +71,8 @@ def raise_nofile(needed: int) -> int:
 
 
 def reserve(owner: object, fds: int, what: str) -> Budget:
-    """Count ``fds`` for ``owner`` (until it is garbage-collected or :func:`release`), raise the
-    limit for all live owners plus HEADROOM, and log one WARNING when it cannot fit."""
+    """Count ``fds`` for ``owner`` (until it is garbage-collected), raise the limit for all live
+    owners plus HEADROOM, and log one WARNING when it cannot fit."""
     with _lock:
         _owners[owner] = fds
         needed = sum(_owners.values()) + HEADROOM
@@ -86,7 +86,3 @@ def reserve(owner: object, fds: int, what: str) -> Budget:
             " max_inodes/max_handles.", what, needed, HEADROOM, limit)
     return budget
 
-
-def release(owner: object) -> None:
-    with _lock:
-        _owners.pop(owner, None)

@@ -31,6 +31,12 @@ DEFAULT_READDIR_BUFFER = 4096
 #: Largest READ/WRITE/READDIR payload per request (FUSE's max_write, announced at INIT): the bytes
 #: one request can hold in flight. Linux 6.1 guests use at most 1 MiB (FUSE_MAX_MAX_PAGES).
 DEFAULT_MAX_WRITE = 1 << 20
+#: Host heap one known node id costs at most (measured: ~400 B; tests/test_fs_limits.py).
+BYTES_PER_INODE = 512
+#: Host heap one open handle costs at most besides a directory's readdir_buffer (~220 B measured).
+BYTES_PER_HANDLE = 512
+#: Heap of an idle device (tables, session, counters), bounded generously.
+DEVICE_BASE_BYTES = 1 << 20
 #: Bounds of each limit: (lowest, highest) accepted.
 LIMIT_RANGES = {
     "max_inodes": (16, 1 << 24),
@@ -150,6 +156,17 @@ class FsOptions:
                 raise ValueError(f"{field} must be between {lo} and {hi}, got {value}")
         if self.max_write % 4096:
             raise ValueError(f"max_write must be a multiple of 4096, got {self.max_write}")
+
+    @property
+    def memory_ceiling(self) -> int:
+        """Bytes of host heap this share may make the VMM hold at most, whatever the guest does:
+        every node id and handle the limits allow (a directory handle with a full readdir
+        buffer), plus the request in flight on each queue (its reply is built once and copied
+        once: 2 x max_write). With the defaults: 15.5 MiB. Kernel memory for the fds (about
+        1 KiB per open file) comes on top; README "Resource limits"."""
+        return (DEVICE_BASE_BYTES + self.max_inodes * BYTES_PER_INODE
+                + self.max_handles * (BYTES_PER_HANDLE + self.readdir_buffer)
+                + self.num_request_queues * 2 * (self.max_write + self.readdir_buffer))
 
     @property
     def positive_timeout(self) -> float:
