@@ -264,6 +264,12 @@ def test_inode_limit_answers_enfile_for_new_inodes_only(share):
     w.call(Opcode.FORGET, ids[0], abi.FORGET_IN.pack(nlookup=1))
     assert w.fs.inode_count() == 15
     assert w.lookup(b"f15")[0] == 0
+    # A full table still lists every name: READDIRPLUS sends the ones it cannot look up with
+    # node id 0 ("no lookup"; the guest looks them up when it needs them).
+    _, dh = _opendir(w)
+    listed = _list_all(w, dh, plus=True)
+    assert {f"f{i}".encode() for i in range(20)} | {b"hard"} <= set(listed)
+    assert w.fs.inode_count() == 16
 
 
 def test_max_write_bounds_the_bytes_of_one_request(share):

@@ -185,3 +185,25 @@ def test_pieces_adapt_to_the_time_a_piece_takes():
 
     # end of file: a step that does nothing ends the loop, without asking should_stop
     assert chunks.run(100, lambda d, n: 0, lambda: pytest.fail("asked"), chunks.IO) == (0, False)
+
+
+def test_a_huge_range_with_nothing_to_do_takes_few_pieces(tmpfs_share):
+    """Found by the fuzzer: PUNCH_HOLE|KEEP_SIZE over 2**63 bytes beyond the end of a file does
+    nothing per byte, and 1 GiB pieces would have taken the worker hours. Pieces that cost
+    nothing double until they cover the range."""
+    from tests.passthrough_support import make_fs
+
+    fs = make_fs(tmpfs_share)
+    asked = {"n": 0}
+
+    def count() -> bool:
+        asked["n"] += 1
+        return False
+
+    ctx = Context(0, 0, 1, count)
+    e, fh, _ = fs.create(ctx, 1, b"f", 0o644, os.O_RDWR, 0)
+    t0 = time.monotonic()
+    fs.fallocate(ctx, e.nodeid, fh, 0x03, 0, (1 << 63) - 1)   # PUNCH_HOLE | KEEP_SIZE
+    assert asked["n"] < 100, asked
+    assert time.monotonic() - t0 < WAIT_S
+    fs.destroy()

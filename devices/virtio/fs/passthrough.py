@@ -723,13 +723,14 @@ class PassthroughFs(FileSystem):
         """Lazily look up each entry, so that only entries the server pulls get a lookup count
         (the server forgets the last one if it does not fit, and the stream keeps it)."""
         sent = 0
+        # nodeid 0 in a READDIRPLUS record means "no lookup for this name" (the guest lists the
+        # name and looks it up later if it needs to), not "does not exist".
+        no_lookup = Entry(nodeid=0, generation=0, attr=None, entry_timeout=0.0, attr_timeout=0.0)
         with contextlib.closing(self._dir_entries(nodeid, fh, offset)) as entries:
             for ino, off, dtype, name in entries:
                 if name in (b".", b".."):
-                    # The guest ignores these in READDIRPLUS; nodeid 0 means "no lookup".
-                    yield (DirEntry(ino, off, dtype, name),
-                           Entry(nodeid=0, generation=0, attr=None, entry_timeout=0.0,
-                                 attr_timeout=0.0))
+                    # The guest ignores these in READDIRPLUS.
+                    yield DirEntry(ino, off, dtype, name), no_lookup
                     sent += 1
                     continue
                 try:
@@ -738,6 +739,11 @@ class PassthroughFs(FileSystem):
                 except OSError as e:
                     if e.errno == errno.ENOENT:
                         continue            # removed since the host listed it
+                    if e.errno in _NO_FD_LEFT:
+                        # No room for another node id (max_inodes) or fd: still list the name.
+                        yield DirEntry(ino, off, dtype, name), no_lookup
+                        sent += 1
+                        continue
                     if sent == 0:
                         raise
                     # Stop here (this entry stays in the stream); the guest resumes at it and
