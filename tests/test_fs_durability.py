@@ -28,6 +28,22 @@ SIZE = 256 << 10
 
 
 @pytest.fixture
+def wire():
+    """Wire(share, **options), each destroyed at the end: a passthrough's fds are plain ints
+    that only destroy() closes (a test holding 1,000 handles must not leave them behind)."""
+    made: list[Wire] = []
+
+    def make(share, **kw) -> Wire:
+        w = Wire(share, **kw)
+        made.append(w)
+        return w
+
+    yield make
+    for w in made:
+        w.fs.destroy()
+
+
+@pytest.fixture
 def disk(tmp_path):
     with ext4_on_loop(tmp_path) as (mnt, image):
         share = mnt / "share"
@@ -52,9 +68,9 @@ def _write(w: Wire, nodeid: int, fh: int, data: bytes) -> None:
 
 
 @pytest.mark.parametrize("datasync", [False, True])
-def test_fsync_reply_comes_after_the_data_is_on_disk(disk, datasync):
+def test_fsync_reply_comes_after_the_data_is_on_disk(disk, datasync, wire):
     share, image = disk
-    w = Wire(share)
+    w = wire(share)
     w.init()
     data = pattern(SIZE, seed=11 + datasync)
     nodeid, fh = _create(w, b"f")
@@ -66,11 +82,11 @@ def test_fsync_reply_comes_after_the_data_is_on_disk(disk, datasync):
     assert blocks_on_disk(image, data) == 1
 
 
-def test_flush_puts_the_data_on_the_host_file_and_nothing_more(disk):
+def test_flush_puts_the_data_on_the_host_file_and_nothing_more(disk, wire):
     """FLUSH is close(): what the guest wrote is on the host file before the reply (a reader
     on the host sees it), and, as for a local close(), nothing is forced to disk."""
     share, image = disk
-    w = Wire(share)
+    w = wire(share)
     w.init()
     data = pattern(SIZE, seed=3)
     nodeid, fh = _create(w, b"f")
@@ -81,11 +97,11 @@ def test_flush_puts_the_data_on_the_host_file_and_nothing_more(disk):
     assert (share / "f").read_bytes() == data
 
 
-def test_fsyncdir_puts_a_new_entry_on_disk(disk):
+def test_fsyncdir_puts_a_new_entry_on_disk(disk, wire):
     share, image = disk
     (share / "sub").mkdir()
     os.sync()
-    w = Wire(share)
+    w = wire(share)
     w.init()
     sub = w.lookup(b"sub")[1].nodeid
     name = b"entry-" + secrets.token_hex(8).encode()
@@ -97,9 +113,9 @@ def test_fsyncdir_puts_a_new_entry_on_disk(disk):
     assert name_on_disk(image, name)
 
 
-def test_syncfs_puts_everything_written_through_the_share_on_disk(disk):
+def test_syncfs_puts_everything_written_through_the_share_on_disk(disk, wire):
     share, image = disk
-    w = Wire(share)
+    w = wire(share)
     w.init()
     a, b = pattern(SIZE, seed=21), pattern(SIZE // 2, seed=22)
     na, fa = _create(w, b"a")
@@ -114,7 +130,7 @@ def test_syncfs_puts_everything_written_through_the_share_on_disk(disk):
     assert blocks_on_disk(image, a) == 1 and blocks_on_disk(image, b) == 1
 
 
-def test_syncfs_reaches_a_file_system_mounted_inside_the_share(tmp_path):
+def test_syncfs_reaches_a_file_system_mounted_inside_the_share(tmp_path, wire):
     """virtiofsd syncs submounts too: a second ext4 mounted below the share's root, reached by
     the guest, is synced by the same SYNCFS."""
     (tmp_path / "outer").mkdir()
@@ -126,7 +142,7 @@ def test_syncfs_reaches_a_file_system_mounted_inside_the_share(tmp_path):
         os.sync()
         subprocess.run(["mount", "--bind", str(inner), str(sub)], check=True)
         try:
-            w = Wire(outer)
+            w = wire(outer)
             w.init()
             subid = w.lookup(b"sub")[1].nodeid
             data = pattern(SIZE, seed=31)

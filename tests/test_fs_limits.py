@@ -31,6 +31,22 @@ PAGE = 4096
 
 
 @pytest.fixture
+def wire():
+    """Wire(share, **options), each destroyed at the end: a passthrough's fds are plain ints
+    that only destroy() closes (a test holding 1,000 handles must not leave them behind)."""
+    made: list[Wire] = []
+
+    def make(share, **kw) -> Wire:
+        w = Wire(share, **kw)
+        made.append(w)
+        return w
+
+    yield make
+    for w in made:
+        w.fs.destroy()
+
+
+@pytest.fixture
 def share(tmp_path: Path) -> Path:
     d = tmp_path / "share"
     d.mkdir()
@@ -80,13 +96,13 @@ def _list_all(w: Wire, fh: int, size: int = PAGE, plus: bool = False) -> list[by
 
 # ------------------------------------------------------------------------- directory memory
 
-def test_a_thousand_open_listings_of_a_big_directory_stay_under_the_ceiling(share):
+def test_a_thousand_open_listings_of_a_big_directory_stay_under_the_ceiling(share, wire):
     """The issue's measurement, at 25 times its scale: 40 OPENDIR+READDIR of a 20,000-entry
     directory took 194 MB (every handle held the whole listing). Streamed, each handle keeps at
     most readdir_buffer bytes, and the whole device stays under its documented ceiling."""
     for i in range(ENTRIES):
         (share / f"entry-{i:05d}-{'x' * 20}").touch()
-    w = Wire(share)
+    w = wire(share)
     w.init()
     options = w.fs.options
     assert options.max_handles >= OPENDIRS
@@ -118,10 +134,10 @@ def test_a_thousand_open_listings_of_a_big_directory_stay_under_the_ceiling(shar
     assert len(names) == ENTRIES + 2 and len(set(names)) == ENTRIES + 2
 
 
-def test_a_listing_keeps_at_most_readdir_buffer_bytes(share):
+def test_a_listing_keeps_at_most_readdir_buffer_bytes(share, wire):
     for i in range(500):
         (share / f"n{i:04d}").touch()
-    w = Wire(share, readdir_buffer=2048)
+    w = wire(share, readdir_buffer=2048)
     w.init()
     _, fh = _opendir(w)
     offset, seen = 0, []
@@ -161,7 +177,7 @@ def any_share(request, share):
 
 
 @pytest.mark.parametrize("plus", [False, True])
-def test_resumed_listing_is_exact_while_the_directory_changes(any_share, plus):
+def test_resumed_listing_is_exact_while_the_directory_changes(any_share, plus, wire):
     """Each entry that exists for the whole listing is returned exactly once, whatever is
     created and removed between two READDIRs (what POSIX asks of readdir), and any offset the
     guest was given resumes right after its entry."""
@@ -170,7 +186,7 @@ def test_resumed_listing_is_exact_while_the_directory_changes(any_share, plus):
     doomed = [f"d{i:04d}".encode() for i in range(200)]
     for n in [*stable, *doomed]:
         (share / n.decode()).touch()
-    w = Wire(share)
+    w = wire(share)
     w.init()
     _, fh = _opendir(w)
     seen: list[bytes] = []
@@ -195,7 +211,7 @@ def test_resumed_listing_is_exact_while_the_directory_changes(any_share, plus):
     assert len(seen) == len(set(seen)), "an entry was returned twice"
     assert page_no > 10
     # Resuming at an offset handed out earlier lists what follows it (a seekdir in the guest).
-    w2 = Wire(share)
+    w2 = wire(share)
     w2.init()
     _, fh2 = _opendir(w2)
     full = []
@@ -213,11 +229,11 @@ def test_resumed_listing_is_exact_while_the_directory_changes(any_share, plus):
 
 # ------------------------------------------------------------------------- table limits
 
-def test_handle_limit_answers_emfile_and_the_device_keeps_serving(share):
+def test_handle_limit_answers_emfile_and_the_device_keeps_serving(share, wire):
     for i in range(20):
         (share / f"f{i}").write_bytes(b"data %d" % i)
     (share / "sub").mkdir()
-    w = Wire(share, max_handles=16)
+    w = wire(share, max_handles=16)
     w.init()
     nodes = [w.lookup(f"f{i}".encode())[1].nodeid for i in range(20)]
     fhs = []
@@ -243,10 +259,10 @@ def test_handle_limit_answers_emfile_and_the_device_keeps_serving(share):
     assert w.fs.handle_count() == 16
 
 
-def test_inode_limit_answers_enfile_for_new_inodes_only(share):
+def test_inode_limit_answers_enfile_for_new_inodes_only(share, wire):
     for i in range(20):
         (share / f"f{i}").touch()
-    w = Wire(share, max_inodes=16)
+    w = wire(share, max_inodes=16)
     w.init()
     ids = []
     for i in range(15):                      # the root is the 16th
@@ -272,9 +288,9 @@ def test_inode_limit_answers_enfile_for_new_inodes_only(share):
     assert w.fs.inode_count() == 16
 
 
-def test_max_write_bounds_the_bytes_of_one_request(share):
+def test_max_write_bounds_the_bytes_of_one_request(share, wire):
     (share / "f").write_bytes(b"x" * 100_000)
-    w = Wire(share, max_write=16384)
+    w = wire(share, max_write=16384)
     init = w.init()
     assert init.max_write == 16384 and init.max_pages == 4
     nodeid = w.lookup(b"f")[1].nodeid
@@ -308,13 +324,13 @@ class _NoFdsLeft:
         resource.setrlimit(resource.RLIMIT_NOFILE, self.saved)
 
 
-def test_requests_needing_no_new_fd_work_when_the_process_has_none(share):
+def test_requests_needing_no_new_fd_work_when_the_process_has_none(share, wire):
     """At 1,024 fds a LOOKUP of a known name, FLUSH (so the guest's close() failed!) and truncate
     all failed with EMFILE. Only requests that must open something may fail now."""
     (share / "f").write_bytes(b"hello world")
     (share / "d").mkdir()
     (share / "other").touch()
-    w = Wire(share)
+    w = wire(share)
     w.init()
     nodeid = w.lookup(b"f")[1].nodeid
     dnode = w.lookup(b"d")[1].nodeid
@@ -349,15 +365,15 @@ def test_requests_needing_no_new_fd_work_when_the_process_has_none(share):
 
 # ------------------------------------------------------------------------- fd budget
 
-def test_rlimit_is_raised_and_a_share_too_big_for_it_is_reported(share, caplog):
+def test_rlimit_is_raised_and_a_share_too_big_for_it_is_reported(share, caplog, wire):
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     try:
         resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
-        w = Wire(share)
+        w = wire(share)
         assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] >= min(hard, 2048) > 1024
         assert w.fs.fd_budget.fits == (w.fs.fd_budget.needed <= w.fs.fd_budget.limit)
         caplog.clear()
-        big = Wire(share, max_inodes=1 << 24)      # needs far more than any hard limit here
+        big = wire(share, max_inodes=1 << 24)      # needs far more than any hard limit here
         assert not big.fs.fd_budget.fits
         assert any("RLIMIT_NOFILE" in r.getMessage() and "max_inodes" in r.getMessage()
                    for r in caplog.records)
@@ -376,12 +392,12 @@ def test_default_limits_fit_the_documented_ceiling():
                                    + opts.max_handles * (BYTES_PER_HANDLE + opts.readdir_buffer))
 
 
-def test_bytes_per_inode_and_handle_are_what_the_ceiling_assumes(share):
+def test_bytes_per_inode_and_handle_are_what_the_ceiling_assumes(share, wire):
     """The constants the ceiling is computed from, measured (tracemalloc) through the server."""
     n = 2000
     for i in range(n):
         (share / f"f{i}").touch()
-    w = Wire(share)
+    w = wire(share)
     w.init()
     gc.collect()
     tracemalloc.start()
