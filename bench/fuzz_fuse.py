@@ -12,7 +12,11 @@ After EVERY request the harness checks what a guest must never be able to do to 
   * anything outside the share changed (a sentinel tree next to the share is fingerprinted);
   * a table lock stays held (the LSEEK wedge of issue 11 was found this way);
   * host fds leak: open fds must equal the baseline plus one per known inode and open handle;
-  * memory grows past a ceiling (RSS, sampled).
+  * the share's limits are exceeded: more node ids than ``max_inodes``, handles than
+    ``max_handles``, or directory records kept than ``readdir_buffer`` per handle (each session
+    draws either the default limits or small ones, so the limits are reached often);
+  * memory grows past the share's documented ceiling (``FsOptions.memory_ceiling``, plus
+    :data:`RSS_SLACK` for the interpreter; RSS, sampled).
 Findings are printed with the seed and step, and the request bytes, so each one replays.
 
     python bench/fuzz_fuse.py [--seconds 60] [--seed N] [--steps N]
@@ -50,7 +54,11 @@ from fuse.server import Server  # noqa: E402
 U32 = (1 << 32) - 1
 U64 = (1 << 64) - 1
 I64_MAX = (1 << 63) - 1
-RSS_CEILING = 512 << 20  # growth over the baseline that counts as a finding
+#: RSS growth allowed beyond the share's own memory ceiling: the interpreter's arenas, the
+#: fuzzer's request and reply buffers (up to 2 MiB each), allocator fragmentation.
+RSS_SLACK = 64 << 20
+#: Small limits drawn for some sessions, so that ENFILE/EMFILE paths are exercised all the time.
+SMALL_LIMITS = {"max_inodes": 24, "max_handles": 16, "readdir_buffer": 1024, "max_write": 65536}
 
 #: Edge values for integer fields, mixed with small random ones.
 EDGES = (0, 1, 2, 7, 4095, 4096, 4097, 1 << 16, 1 << 20, (1 << 20) + 1, U32 - 1, U32,
@@ -166,6 +174,9 @@ def _populate(root: Path) -> None:
 class Fuzzer:
     """One fuzzing session on ``root/share``; ``run()`` returns the findings."""
 
+    #: Chance that a session runs with SMALL_LIMITS instead of the defaults.
+    small_limits_odds = 0.5
+
     def __init__(self, root: Path, seed: int, *, small: bool = True,
                  fs_factory: Callable[[FsOptions], Any] = PassthroughFs) -> None:
         self.rng = random.Random(seed)
@@ -173,9 +184,11 @@ class Fuzzer:
         self.root = root
         self.small = small  # keep lengths small (no size-bounded tmpfs under the share)
         _populate(root)
-        self.fs = fs_factory(FsOptions(source=str(root / "share"), tag="fuzz",
-                                       negative_timeout=self.rng.choice((0, 5))))
-        self.server = Server(self.fs)
+        limits = SMALL_LIMITS if self.rng.random() < self.small_limits_odds else {}
+        self.options = FsOptions(source=str(root / "share"), tag="fuzz",
+                                 negative_timeout=self.rng.choice((0, 5)), **limits)
+        self.fs = fs_factory(self.options)
+        self.server = Server(self.fs, max_write=self.options.max_write)
         self.outside_before = _fingerprint(root / "outside")
         self.siblings = sorted(os.listdir(root))
         self.nodeids: list[int] = [1]
@@ -320,6 +333,8 @@ class Fuzzer:
                                                flags=r.choice((0, 0, i())))
         if op == Opcode.INTERRUPT:
             return abi.INTERRUPT_IN.pack(unique=i())
+        if op == Opcode.SYNCFS:
+            return abi.SYNCFS_IN.pack(padding=r.choice((0, i())))
         return bytes(self.rng.randrange(0, 64))
 
     def request(self) -> tuple[bytes, Opcode]:
@@ -394,6 +409,13 @@ class Fuzzer:
         if fds != 0:
             find("fd", f"{fds:+d} fds beyond one per known inode and open handle")
             self.fd_baseline += fds  # report each leak once
+        opts = self.options
+        inodes, handles = self.fs.inode_count(), self.fs.handle_count()
+        kept = self.fs.dir_buffer_bytes()
+        if inodes > opts.max_inodes or handles > opts.max_handles \
+                or kept > handles * opts.readdir_buffer:
+            find("limit", f"{inodes} node ids (max {opts.max_inodes}), {handles} handles (max "
+                          f"{opts.max_handles}), {kept} B of directory records kept")
         self.stats.max_fds_over_baseline = max(self.stats.max_fds_over_baseline,
                                                self._fs_fds())
         if sorted(os.listdir(self.root)) != self.siblings:
@@ -408,8 +430,9 @@ class Fuzzer:
         if step % 256 == 0:
             growth = _rss() - self.rss_baseline
             self.stats.max_rss_growth = max(self.stats.max_rss_growth, growth)
-            if growth > RSS_CEILING:
-                find("memory", f"RSS grew by {growth >> 20} MiB")
+            if growth > opts.memory_ceiling + RSS_SLACK:
+                find("memory", f"RSS grew by {growth >> 20} MiB, beyond the share's ceiling of"
+                               f" {opts.memory_ceiling >> 20} MiB + {RSS_SLACK >> 20} MiB")
                 self.rss_baseline = _rss()
 
     def _learn(self, req: bytes, reply: bytes) -> None:
@@ -487,12 +510,15 @@ def main() -> None:
     from bench.common import write_result
     first = args.seed if args.seed is not None else int(time.time())
     t0 = time.monotonic()
-    total, findings, ok = 0, [], {}
+    total, findings, ok, errors, rss = 0, [], {}, {}, 0
     for seed in range(first, first + args.seeds):
         found, stats = fuzz(seed, steps=args.steps, seconds=args.seconds / args.seeds)
         total += stats.requests
+        rss = max(rss, stats.max_rss_growth)
         for op, count in stats.ok.items():
             ok[op] = ok.get(op, 0) + count
+        for name, count in stats.errors.items():
+            errors[name] = errors.get(name, 0) + count
         findings += [f"seed {seed} {f}" for f in found]
         print(f"seed {seed}: {stats.requests} requests ({stats.mutated} mutated), "
               f"{len(found)} findings", file=sys.stderr)
@@ -501,6 +527,8 @@ def main() -> None:
                                "duration_s": round(duration, 1),
                                "requests_per_s": round(total / duration),
                                "successful_replies": dict(sorted(ok.items())),
+                               "error_replies": dict(sorted(errors.items())),
+                               "max_rss_growth_mib": round(rss / 2**20, 1),
                                "findings": len(findings), "first_findings": findings[:20]})
     if findings:
         raise SystemExit(1)

@@ -341,6 +341,7 @@ STRUCT_FIELDS: dict[str, tuple[tuple[str, str], ...]] = {
         ("fh", "Q"), ("offset", "Q"), ("length", "Q"), ("mode", "I"), ("padding", "I"),
     ),
     "fuse_lseek_in": (("fh", "Q"), ("offset", "Q"), ("whence", "I"), ("padding", "I")),
+    "fuse_syncfs_in": (("padding", "Q"),),
     "fuse_lseek_out": (("offset", "Q"),),
     "fuse_copy_file_range_in": (
         ("fh_in", "Q"), ("off_in", "Q"), ("nodeid_out", "Q"), ("fh_out", "Q"),
@@ -529,6 +530,7 @@ FALLOCATE_IN = LAYOUTS["fuse_fallocate_in"]
 LSEEK_IN = LAYOUTS["fuse_lseek_in"]
 LSEEK_OUT = LAYOUTS["fuse_lseek_out"]
 COPY_FILE_RANGE_IN = LAYOUTS["fuse_copy_file_range_in"]
+SYNCFS_IN = LAYOUTS["fuse_syncfs_in"]
 DIRENT = LAYOUTS["fuse_dirent"]
 DIRENTPLUS = LAYOUTS["fuse_direntplus"]
 

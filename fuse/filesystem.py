@@ -26,13 +26,24 @@ from __future__ import annotations
 import errno
 import os
 from dataclasses import dataclass
-from typing import Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 from .io import Reader, Writer
 
 
+def never_stop() -> bool:
+    """The ``should_stop`` of a request nobody will stop (tests, direct calls)."""
+    return False
+
+
 class Context(NamedTuple):
-    """Credentials of the guest process that caused the request (from fuse_in_header).
+    """Who caused the request (credentials from fuse_in_header), and whether to give up on it.
+
+    ``should_stop()`` turns True when the transport stops serving (a device reset, the end of
+    the process): the reply will not reach the guest, so a filesystem splitting a long call
+    (a large FALLOCATE or COPY_FILE_RANGE) asks it between pieces and returns early. The server
+    takes it from the transport per request (``Server.handle(..., should_stop=...)``), so a
+    filesystem stays sans-IO and no global is involved.
 
     A NamedTuple rather than a frozen dataclass: one is built per request, and this is the
     cheapest immutable record Python has.
@@ -41,6 +52,7 @@ class Context(NamedTuple):
     uid: int
     gid: int
     pid: int
+    should_stop: Callable[[], bool] = never_stop
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,4 +263,10 @@ class FileSystem:
     def copy_file_range(self, ctx: Context, nodeid_in: int, fh_in: int, off_in: int,
                         nodeid_out: int, fh_out: int, off_out: int, length: int,
                         flags: int) -> int:
+        """Returns the bytes copied; fewer than ``length`` is a legal (short) answer."""
+        raise _enosys()
+
+    def syncfs(self, ctx: Context, nodeid: int) -> None:
+        """Write back everything the share's host file systems hold for it (a guest ``sync``
+        or ``syncfs``); ``nodeid`` is the mount's root. Answered only once it is on storage."""
         raise _enosys()

@@ -1,8 +1,10 @@
 """Log lines a guest can cause, limited so that a hostile or broken guest cannot flood the host log.
 
-Two kinds: guest-caused events (malformed requests, INIT storms, failed activations...: every one is
-worth knowing about at first, then only a sample, with a running count), and filesystem bugs (a
-traceback the first time for each op and exception type, then a sampled one-liner).  The counts of
+Three kinds, one count each: guest-caused events (malformed requests, INIT storms...: every one is
+worth knowing about at first, then only a sample, with a running count), filesystem bugs (a
+traceback the first time for each op and exception type, then a sampled one-liner), and named
+events a guest can repeat at will, such as a failed device activation or a broken ring
+(:meth:`LogThrottle.sample`: the 1st, 2nd, 4th, 8th... of each kind).  The counts of
 what happened stay exact in the metrics; only the log is thinned.
 """
 
@@ -29,6 +31,7 @@ class LogThrottle:
         self._lock = threading.Lock()
         self._warnings = 0
         self._bugs: dict[tuple[str, type], int] = {}
+        self._kinds: dict[str, int] = {}
 
     def warn(self, msg: str, *args: Any) -> None:
         """A malformed request or another guest-caused event worth a warning (sampled)."""
@@ -58,3 +61,15 @@ class LogThrottle:
         elif _sampled(n):
             self._logger.warning("%s: unexpected %s again (%s; %d times), %s", op,
                                  type(exc).__name__, exc, n, outcome)
+
+    def sample(self, kind: str, level: int, msg: str, *args: Any) -> None:
+        """An event of ``kind`` (a fixed string chosen by the caller, never guest data): the
+        1st, 2nd, 4th, 8th... occurrence is logged at ``level``, with the running count."""
+        with self._lock:
+            n = self._kinds.get(kind, 0) + 1
+            self._kinds[kind] = n
+        if n & (n - 1) == 0:
+            if n > 1:
+                msg += " (%d times so far; logging every power of two)"
+                args += (n,)
+            self._logger.log(level, msg, *args, stacklevel=2)

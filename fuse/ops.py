@@ -370,6 +370,11 @@ def _flush(s: Server, nodeid: int, ctx: Context, a: Any, names: Names,
     s.fs.flush(ctx, nodeid, a.fh, a.lock_owner)
 
 
+def _syncfs(s: Server, nodeid: int, ctx: Context, a: Any, names: Names,
+            r: Reader, w: Writer) -> None:
+    s.fs.syncfs(ctx, nodeid)
+
+
 def _access(s: Server, nodeid: int, ctx: Context, a: Any, names: Names,
             r: Reader, w: Writer) -> None:
     s.fs.access(ctx, nodeid, a.mask)
@@ -541,7 +546,7 @@ def _close_iter(it: Iterator[Any]) -> None:
 
 
 # ------------------------------------------------------------------------------------------
-# The table (opcodes absent here -- locks, ioctl, DAX, SYNCFS... -- are answered ENOSYS)
+# The table (opcodes absent here -- locks, ioctl, DAX, TMPFILE... -- are answered ENOSYS)
 
 _TABLE: dict[Opcode, Op] = {
     Opcode.INIT: Op(_init, None, (), INIT),
@@ -583,6 +588,7 @@ _TABLE: dict[Opcode, Op] = {
     Opcode.FALLOCATE: Op(_fallocate, abi.FALLOCATE_IN, (), EMPTY),
     Opcode.LSEEK: Op(_lseek, abi.LSEEK_IN, (), OFFSET),
     Opcode.COPY_FILE_RANGE: Op(_copy_file_range, abi.COPY_FILE_RANGE_IN, (), COUNT),
+    Opcode.SYNCFS: Op(_syncfs, abi.SYNCFS_IN, (), EMPTY),
 }
 #: opcode (a plain int, as read from the wire) -> Op
 OPS: dict[int, Op] = {int(opcode): op for opcode, op in _TABLE.items()}

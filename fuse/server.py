@@ -24,10 +24,10 @@ from __future__ import annotations
 import errno
 import logging
 import time
-from typing import Any
+from typing import Any, Callable
 
 from . import abi
-from .filesystem import Context, FileSystem
+from .filesystem import Context, FileSystem, never_stop
 from .io import BufferTooSmall, LimitedReader, Reader, Writer
 from .limits import XATTR_NAME_MAX, XATTR_SIZE_MAX, RequestError
 from .logthrottle import LogThrottle
@@ -94,8 +94,13 @@ class Server:
     # ----------------------------------------------------------------------------------------
     # Entry point
 
-    def handle(self, reader: Reader, writer: Writer, queue: int = 0) -> int:
-        """Serve one request; returns the reply length written (0 when nothing was written)."""
+    def handle(self, reader: Reader, writer: Writer, queue: int = 0,
+               should_stop: Callable[[], bool] = never_stop) -> int:
+        """Serve one request; returns the reply length written (0 when nothing was written).
+
+        ``should_stop`` is the transport's "I am stopping" flag, handed to the filesystem in the
+        request's Context so that a long operation can end early (see fuse.filesystem.Context).
+        """
         observer = self.observer
         t0 = time.perf_counter_ns() if observer is not None else 0
         try:
@@ -126,7 +131,7 @@ class Server:
                 raise Drop(f"no room for a reply ({room} writable bytes)")
             reader = self._bound(reader, avail - IN_HEADER_SIZE, length, extlen)
             if op is None:
-                # Known-but-unserved opcodes (locks, ioctl, DAX, SYNCFS...) are a normal
+                # Known-but-unserved opcodes (locks, ioctl, DAX, TMPFILE...) are a normal
                 # ENOSYS the guest learns from; an opcode outside the ABI is worth a log line.
                 if opcode in _KNOWN_OPCODES:
                     raise OSError(errno.ENOSYS, "not implemented")
@@ -152,7 +157,7 @@ class Server:
                 writer.skip(OUT_HEADER_SIZE)
                 data_reply = True
 
-            ctx = Context(uid, gid, pid)
+            ctx = Context(uid, gid, pid, should_stop)
             result = op.handler(self, nodeid, ctx, arg, names, reader, writer)
 
             if no_reply:

@@ -18,6 +18,19 @@ def test_defaults(tmp_path):
     assert o.negative_timeout == 0.0
     assert o.writeback is False and o.trace is False and o.trace_path is None
     assert o.positive_timeout == 1.0
+    assert (o.max_inodes, o.max_handles, o.readdir_buffer, o.max_write) == (
+        16384, 1024, 4096, 1 << 20)
+
+
+@pytest.mark.parametrize("field, bad", [
+    ("max_inodes", 15), ("max_inodes", 1 << 25), ("max_inodes", True), ("max_inodes", 1.5),
+    ("max_handles", 0), ("max_handles", "10"), ("readdir_buffer", 1023),
+    ("readdir_buffer", (1 << 20) + 1), ("max_write", 4095), ("max_write", (1 << 20) + 4096),
+    ("max_write", 6000),
+])
+def test_bad_limits(tmp_path, field, bad):
+    with pytest.raises(ValueError, match=field):
+        FsOptions(source=str(tmp_path), tag="t", **{field: bad})
 
 
 def test_frozen(tmp_path):

@@ -204,13 +204,13 @@ class _FaultyServer:
         self.server, self.silent, self.raising, self.malformed = server, silent, raising, malformed
         self.max_request, self.max_write = server.max_request, server.max_write
 
-    def handle(self, reader, writer, queue=0):
+    def handle(self, reader, writer, queue=0, **kw):
         opcode = int.from_bytes(reader.buf[4:8], "little")
         if opcode == self.silent:
             return 0
         if opcode == self.raising:
             raise RuntimeError("injected")
-        n = self.server.handle(reader, writer, queue)
+        n = self.server.handle(reader, writer, queue, **kw)
         if opcode == self.malformed:
             writer.write_at(0, (n + 8).to_bytes(4, "little"))   # the kernel answers EINVAL
         return n

@@ -54,6 +54,26 @@ class _EscapingFs(PassthroughFs):
         return entry
 
 
+class _LimitlessFs(PassthroughFs):
+    """Planted bug: the handle table forgets its limit."""
+
+    def __init__(self, options):
+        super().__init__(options)
+        self._handles.max_handles = None
+
+
+class _HoardingFs(PassthroughFs):
+    """Planted bug: every LOOKUP keeps 1 MiB of host memory for good (up to 160 MiB, more than
+    the small limits' ceiling plus the slack)."""
+
+    hoard: list[bytes] = []
+
+    def lookup(self, ctx, parent, name):
+        if len(self.hoard) < 160:
+            self.hoard.append(b"x" * (1 << 20))  # touched pages: real RSS
+        return super().lookup(ctx, parent, name)
+
+
 class _WedgingFs(PassthroughFs):
     """Planted bug: STATFS takes the handle table's lock and never gives it back."""
 
@@ -63,9 +83,26 @@ class _WedgingFs(PassthroughFs):
 
 
 @pytest.mark.parametrize("planted,kind", [(_LeakyFs, "fd"), (_EscapingFs, "escape"),
-                                          (_WedgingFs, "lock")])
+                                          (_WedgingFs, "lock"), (_LimitlessFs, "limit"),
+                                          (_HoardingFs, "memory")])
 def test_each_invariant_catches_a_planted_bug(planted, kind, monkeypatch):
+    import bench.fuzz_fuse as fuzz_fuse
     import devices.virtio.fs.pins as pins
     monkeypatch.setattr(pins, "LOCK_TIMEOUT", 0.01)  # the wedged lock must not slow the run
-    findings, _ = fuzz(1, steps=STEPS, fs_factory=planted)
+    # Every session with the small limits, so that a limit is reached (seed 1 draws defaults).
+    monkeypatch.setattr(fuzz_fuse.Fuzzer, "small_limits_odds", 1.0)
+    try:
+        findings, _ = fuzz(1, steps=STEPS, fs_factory=planted)
+    finally:
+        _HoardingFs.hoard.clear()
     assert kind in {f.kind for f in findings}, [str(f) for f in findings[:5]]
+
+
+@pytest.mark.parametrize("seed", [4, 5])
+def test_sessions_at_their_limits_find_nothing(seed, monkeypatch):
+    """Small limits reached over and over: ENFILE/EMFILE answers, nothing else changes."""
+    import bench.fuzz_fuse as fuzz_fuse
+    monkeypatch.setattr(fuzz_fuse.Fuzzer, "small_limits_odds", 1.0)
+    findings, stats = fuzz(seed, steps=STEPS)
+    assert not findings, "\n".join(map(str, findings[:10]))
+    assert stats.errors.get("EMFILE", 0) + stats.errors.get("ENFILE", 0) > 0

@@ -65,7 +65,12 @@ def _expected(name: str | None, default: int) -> int:
         return ALLOW
     if isinstance(rule, seccomp.Errno):
         return seccomp.SECCOMP_RET_ERRNO | rule.errno
-    return default   # argument rules with all-zero arguments: refused (checked separately)
+    # argument rules, evaluated with all-zero arguments (checked in detail separately)
+    if isinstance(rule, seccomp.ArgIn) and 0 in rule.values:
+        return ALLOW
+    if isinstance(rule, seccomp.ArgMaskEq) and rule.value & rule.mask == 0:
+        return ALLOW
+    return default
 
 
 def test_every_syscall_number_gets_the_policy_answer(fs_prog):
@@ -75,8 +80,8 @@ def test_every_syscall_number_gets_the_policy_answer(fs_prog):
         got = run_bpf(fs_prog, nr)
         assert got == _expected(by_nr.get(nr), EPERM), by_nr.get(nr, nr)
         allowed += got == ALLOW
-    # every plain entry, and nothing else, is allowed
-    assert allowed == sum(1 for r in policy.FS_DEVICE.values() if r is None)
+    # every plain entry, and nothing else, is allowed (argument rules as for zero arguments)
+    assert allowed == sum(1 for name in policy.FS_DEVICE if _expected(name, EPERM) == ALLOW)
 
 
 def test_numbers_beyond_the_table_get_enosys_and_x32_gets_the_default(fs_prog):
@@ -112,6 +117,12 @@ def test_ioctl_only_listed_requests(fs_prog):
         assert run_bpf(fs_prog, nr, args=(3, req, 0, 0, 0, 0)) == ALLOW
     for req in (policy.TIOCSTI, policy.FIONREAD, 0, 0xC0189436):   # ... and BTRFS_IOC_* etc.
         assert run_bpf(fs_prog, nr, args=(3, req, 0, 0, 0, 0)) == EPERM
+
+
+def test_prlimit64_only_for_this_process(fs_prog):
+    nr = SYSCALLS["prlimit64"]
+    assert run_bpf(fs_prog, nr, args=(0, 7, 0, 0, 0, 0)) == ALLOW       # pid 0: itself
+    assert run_bpf(fs_prog, nr, args=(1, 7, 0, 0, 0, 0)) == EPERM       # anyone else: refused
 
 
 @pytest.mark.parametrize("action", sorted(seccomp.ACTIONS))

@@ -365,17 +365,22 @@ def test_readdir_offsets_are_stable(fs, share):
     it = fs.readdir(CTX, ROOT, dh, 0)
     for _ in range(10):
         first.append(next(it))
+    it.close()
     # The guest resumes at the last offset it got, possibly after the directory changed.
     (share / "late").write_bytes(b"")
     rest = list(fs.readdir(CTX, ROOT, dh, first[-1].offset))
     got = first + rest
-    assert [x.offset for x in got] == list(range(1, len(got) + 1))
-    assert {x.name for x in got} == names | {b".", b".."}
-    assert len(got) == len(names) + 2
+    # Offsets are the host's cookies: each names the place after its entry, all distinct.
+    assert len({x.offset for x in got}) == len(got) and all(x.offset > 0 for x in got)
+    assert {x.name for x in got} - {b"late"} == names | {b".", b".."}
+    assert len(got) - (b"late" in {x.name for x in got}) == len(names) + 2
     typ = {x.name: x.type for x in got}
     assert typ[b"."] == abi.DT_DIR and typ[b"f000"] == abi.DT_REG
-    assert list(fs.readdir(CTX, ROOT, dh, 10**6)) == []
-    # Offset 0 again: a fresh snapshot that includes the new file.
+    # The last offset is the end of the listing; any offset handed out resumes after its entry.
+    assert list(fs.readdir(CTX, ROOT, dh, got[-1].offset)) == []
+    again = list(fs.readdir(CTX, ROOT, dh, got[20].offset))
+    assert [x.name for x in again] == [x.name for x in got[21:]]
+    # Offset 0 again: a fresh listing that includes the new file.
     assert b"late" in {x.name for x in fs.readdir(CTX, ROOT, dh, 0)}
     fs.fsyncdir(CTX, ROOT, dh, False)
     fs.releasedir(CTX, ROOT, dh)

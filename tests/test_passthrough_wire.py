@@ -24,7 +24,7 @@ HDR = abi.OUT_HEADER.size
 class Wire:
     def __init__(self, share, **kw):
         self.fs = PassthroughFs(FsOptions(source=str(share), tag="t", **kw))
-        self.server = Server(self.fs)
+        self.server = Server(self.fs, max_write=self.fs.options.max_write)
         self.unique = 0
 
     def call(self, opcode, nodeid=1, body=b"", out=1 << 16):

@@ -329,10 +329,10 @@ class RaisingServer(Server):
     """A real Server that fails on one request (Server.handle itself never raises; this is the
     worker's last line of defence against a bug there)."""
 
-    def handle(self, reader, writer, queue=0):
+    def handle(self, reader, writer, queue=0, **kw):
         if reader.remaining() == 5:
             raise RuntimeError("server bug")
-        return super().handle(reader, writer, queue)
+        return super().handle(reader, writer, queue, **kw)
 
 
 def test_worker_survives_a_raising_server(share):

@@ -45,12 +45,18 @@ def test_full_config(tmp_path):
             timeout: 2.5
             negative_timeout: 60
             writeback: true
+            max_inodes: 5000
+            max_handles: 300
+            readdir_buffer: 8192
+            max_write: 131072
     """)
     cfg = load_config(p)
     assert cfg.vm.vcpus == 2 and cfg.vm.memory_mib == 96 and cfg.vm.discovery == "both"
     (dev,) = cfg.devices
     assert dev.source == str(share) and dev.tag == "data" and dev.cache == "never"
     assert dev.timeout == 2.5 and dev.negative_timeout == 60.0 and dev.writeback is True
+    assert (dev.max_inodes, dev.max_handles, dev.readdir_buffer, dev.max_write) == (
+        5000, 300, 8192, 131072)
     assert cfg.guest.script == "echo hi\n" and cfg.guest.timeout == 30
 
 
@@ -84,6 +90,14 @@ def test_full_config(tmp_path):
     ("devices: [{type: fs, source: /tmp, tag: a, colour: red}]", "unknown key: devices[0].colour"),
     ("devices: [{type: fs, source: /tmp, tag: a}, {type: fs, source: /tmp, tag: a}]", "duplicate tag 'a'"),
     ("vm: {vcpus: 1", "not valid YAML"),
+    ("devices: [{type: fs, source: /tmp, tag: a, max_inodes: 3}]",
+     "devices[0].max_inodes: must be between 16 and"),
+    ("devices: [{type: fs, source: /tmp, tag: a, max_handles: many}]",
+     "devices[0].max_handles: expected an integer"),
+    ("devices: [{type: fs, source: /tmp, tag: a, max_write: 5000}]",
+     "devices[0].max_write: max_write must be a multiple of 4096"),
+    ("devices: [{type: fs, source: /tmp, tag: a, readdir_buffer: 100}]",
+     "devices[0].readdir_buffer: must be between 1024"),
 ])
 def test_bad_configs_name_file_and_key(tmp_path, body, needle):
     p = write(tmp_path, body + "\n")
@@ -103,6 +117,10 @@ def test_shared_dir_syntax(tmp_path):
     assert (opts.source, opts.tag, opts.cache, opts.timeout, opts.negative_timeout) == (
         str(tmp_path), "tag1", "always", 3600.0, 0.5)
     assert parse_shared_dir(f"{tmp_path}:t").negative_timeout == 0.0
+    opts = parse_shared_dir(f"{tmp_path}:t:max_inodes=100:max_handles=20:readdir_buffer=2048"
+                            ":max_write=65536")
+    assert (opts.max_inodes, opts.max_handles, opts.readdir_buffer, opts.max_write) == (
+        100, 20, 2048, 65536)
 
 
 @pytest.mark.parametrize("suffix, needle", [
@@ -113,6 +131,9 @@ def test_shared_dir_syntax(tmp_path):
     (":t:bogus=1", "bogus: unknown option"),
     (":t:writeback=yes", "expected true or false"),
     (":t:cache", "expected key=value"),
+    (":t:max_handles=0", "max_handles: expected an integer between 16 and"),
+    (":t:max_inodes=-5", "max_inodes: expected an integer between"),
+    (":t:max_write=4097", "max_write: max_write must be a multiple of 4096"),
     ("", "expected PATH:TAG"),
 ])
 def test_shared_dir_errors(tmp_path, suffix, needle):

@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override vm.discovery")
     run.add_argument("--shared-dir", action="append", default=[], metavar="PATH:TAG[:k=v...]",
                      help="add a virtio-fs share (crosvm syntax; keys: cache, timeout, "
-                          "negative_timeout, writeback, num_request_queues, trace, trace_path)")
+                          "negative_timeout, writeback, num_request_queues, trace, trace_path, "
+                          "max_inodes, max_handles, readdir_buffer, max_write)")
     run.add_argument("--metrics", type=Path, metavar="FILE", help="write device counters as JSON on exit")
     run.add_argument("--control", metavar="PATH", help="open a control socket (stats/reset/stop)")
 
@@ -79,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     fm.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE",
                     help="device option as in --shared-dir (cache, timeout, negative_timeout, "
                          "writeback, num_request_queues = serving threads, trace, trace_path, "
-                         "allow_setid, allow_mknod, xattr_policy, allow_selinux_xattr)")
+                         "allow_setid, allow_mknod, xattr_policy, allow_selinux_xattr, "
+                         "max_inodes, max_handles, readdir_buffer, max_write)")
     fm.add_argument("--metrics", type=Path, metavar="FILE",
                     help="write the device counters as JSON on exit")
     fm.add_argument("--trace", metavar="FILE", help="JSON line per FUSE request "

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import yaml
 
-from devices.virtio.fs.options import XATTR_POLICIES, FsOptions, check_seconds
+from devices.virtio.fs.options import LIMIT_RANGES, XATTR_POLICIES, FsOptions, check_seconds
 
 DISCOVERY_MODES = ("cmdline", "acpi", "both")
 MAX_VCPUS = 8
@@ -178,6 +178,8 @@ def check_path(value: str, base: Path, must_exist: bool, directory: bool,
 # --------------------------------------------------------------------------------------------
 
 FS_BOOL_KEYS = ("writeback", "trace", "allow_setid", "allow_mknod", "allow_selinux_xattr")
+#: Integer device keys bounding what one device may hold (FsOptions checks them).
+FS_LIMIT_KEYS = tuple(LIMIT_RANGES)
 
 
 def fs_options(values: dict[str, Any], error: Callable[[str, str], Exception], base: Path) -> FsOptions:
@@ -229,6 +231,9 @@ def _parse_fs_device(section: _Section, base: Path) -> FsOptions:
     for key in FS_BOOL_KEYS:
         if key in section.data:
             values[key] = section.take(key, bool, False)
+    for key in FS_LIMIT_KEYS:
+        if key in section.data:
+            values[key] = section.take_int(key, 0, *LIMIT_RANGES[key])
     if "trace_path" in section.data:
         values["trace_path"] = section.take("trace_path", str, None)
     section.take("type", str, "fs")
@@ -328,7 +333,7 @@ def parse_shared_dir(spec: str, base: Path | None = None) -> FsOptions:
 
 FS_OPTION_KEYS = ("type", "cache", "timeout", "negative_timeout", "writeback",
                   "num_request_queues", "trace", "trace_path", "allow_setid", "allow_mknod",
-                  "xattr_policy", "allow_selinux_xattr")
+                  "xattr_policy", "allow_selinux_xattr", *FS_LIMIT_KEYS)
 
 
 def parse_fs_option_items(where: str, source: str, tag: str, items: list[str],
@@ -357,6 +362,11 @@ def parse_fs_option_items(where: str, source: str, tag: str, items: list[str],
         elif key == "num_request_queues":
             if not raw.isdigit() or not 1 <= int(raw) <= 64:
                 raise error(key, f"expected an integer between 1 and 64, got {raw!r}")
+            values[key] = int(raw)
+        elif key in FS_LIMIT_KEYS:
+            lo, hi = LIMIT_RANGES[key]
+            if not raw.isdigit() or not lo <= int(raw) <= hi:
+                raise error(key, f"expected an integer between {lo} and {hi}, got {raw!r}")
             values[key] = int(raw)
         elif key == "cache":
             if raw not in ("never", "auto", "always"):

@@ -102,6 +102,10 @@ class FuseSession:
     def wait_disconnected(self, timeout: float | None = None) -> bool:
         return self._disconnected.wait(timeout)
 
+    def stop_requested(self) -> bool:
+        """Each request's ``should_stop``: a long one ends early once stop() was called."""
+        return self._stopping
+
     def alive(self) -> bool:
         return any(t.thread.is_alive() for t in self._threads)
 
@@ -165,7 +169,8 @@ class FuseSession:
         me.request.load(n)
         me.reply.clear()
         try:
-            written = self.server.handle(me.request, me.reply, queue=index)
+            written = self.server.handle(me.request, me.reply, queue=index,
+                                         should_stop=self.stop_requested)
         except Exception as e:  # noqa: BLE001 - handle() should never raise; never die for it
             self._count("errors")
             self._log(f"handler:{type(e).__name__}", "%s: request failed (%s: %s); replying "

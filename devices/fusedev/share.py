@@ -14,8 +14,7 @@ import os
 import threading
 import time
 
-from devices.virtio.fs.device import (DEFAULT_MAX_WRITE, default_trace_path, make_server,
-                                      passthrough_factory)
+from devices.virtio.fs.device import default_trace_path, make_server, passthrough_factory
 from devices.virtio.fs.options import FsOptions
 from fuse.metrics import Metrics
 from fuse.trace import Trace
@@ -51,7 +50,7 @@ class HostShare:
     """
 
     def __init__(self, options: FsOptions, mountpoint: str, *, fs_factory=None,
-                 max_write: int = DEFAULT_MAX_WRITE, threads: int | None = None) -> None:
+                 max_write: int | None = None, threads: int | None = None) -> None:
         self.options = options
         self.mountpoint = check_mountpoint(mountpoint)
         check_not_nested(options.source, self.mountpoint)
@@ -64,7 +63,8 @@ class HostShare:
             logger.info("fuse-mount: tracing requests to %s", path)
         try:
             self.fs = (fs_factory or passthrough_factory)(options)
-            self.server = make_server(self.fs, self.fuse_metrics, self.trace, max_write)
+            self.server = make_server(self.fs, self.fuse_metrics, self.trace,
+                                      options.max_write if max_write is None else max_write)
         except BaseException:
             self._close_trace()
             raise

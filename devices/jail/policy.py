@@ -11,8 +11,9 @@ Then ``tests/test_jail.py`` runs the same workload jailed with ``seccomp_action=
 outside this list kills it and fails the test. (Unfiltered, strace shows ``clone3`` for threads;
 under the filter clone3 answers ENOSYS and glibc uses ``clone``, which the kill-mode run covers.)
 
-Result of the last derivation: 68 calls seen, 86 in the policy (18 added on review).  8 of them
-came with creating as the guest caller and remapped capabilities (issue 11).
+Result of the last derivation: 68 calls seen, 88 in the policy (added on review: 8 for creating as
+the guest caller and remapped capabilities, prlimit64 and truncate for the resource limits,
+issue 11).
 
 To extend: add the call to the group that needs it (or a new group saying why), run the
 workload with ``--strace`` and the jail tests. ``NEVER`` lists calls a jailed device must not make
@@ -63,6 +64,9 @@ GROUPS: tuple[Group, ...] = (
            "getegid", "restart_syscall", "tgkill",        # (review): tgkill for abort()/raise()
            "clock_nanosleep", "getrandom",                # (review): time.sleep, hash seeds
            "times")),                                     # (review): vhost-user CPU metrics
+    Group("fd budget: the passthrough reads RLIMIT_NOFILE and raises the soft limit to the hard "
+          "one (devices/virtio/fs/fdbudget.py); prlimit64 of this process only",
+          ("prlimit64",)),
     Group("fd plumbing: eventfd counters, the report pipe, fcntl(F_GETFL/F_SETFL/F_DUPFD_CLOEXEC); "
           "ioctl only TCGETS (isatty), FIONBIO (socket.setblocking), FIOCLEX/FIONCLEX "
           "(os.set_inheritable): no TIOCSTI into a terminal, no device ioctls",
@@ -81,8 +85,8 @@ GROUPS: tuple[Group, ...] = (
            "fchmodat")),                                  # (review): chmod relative to a dir fd
     Group("passthrough, file data and sync (the guest's READ/WRITE/FALLOCATE/COPY_FILE_RANGE/"
           "FSYNC/STATFS)",
-          ("preadv2", "pwritev2", "pwrite64", "ftruncate", "fallocate", "copy_file_range",
-           "fsync", "fdatasync", "fstatfs",
+          ("preadv2", "pwritev2", "pwrite64", "ftruncate", "truncate", "fallocate",
+           "copy_file_range", "fsync", "fdatasync", "fstatfs",
            "pread64", "syncfs")),                         # (review): os.pread; SYNCFS (issue 11)
     Group("passthrough, xattrs: path calls through self/fd/N (O_PATH fds take no f*xattr); "
           "fgetxattr/fremovexattr find and drop a remapped file capability on WRITE "
@@ -105,6 +109,7 @@ RULES: dict[str, Rule] = {
     "clone3": Errno(errno.ENOSYS),
     "ioctl": ArgIn(1, (TCGETS, FIONBIO, FIOCLEX, FIONCLEX), "isatty, setblocking, cloexec"),
     "unshare": ArgIn(0, (CLONE_FS,), "a private umask/cwd for a thread: no namespace"),
+    "prlimit64": ArgIn(0, (0,), "pid 0: this process's own limits"),
 }
 
 #: Calls a jailed fs device must never be allowed (test_jail_policy keeps them out).

@@ -126,6 +126,7 @@ class MmioTransport:
         self.interrupt = Interrupt(irq_fd)
         self._lock = threading.Lock()  # vCPU threads may access the window concurrently
         self._log = LogOnce(logger)
+        self._sampled = LogThrottle(logger)  # events a guest can repeat with every reset
         self._offered = device.device_features()
         if not self._offered >> VIRTIO_F_VERSION_1 & 1:
             raise ValueError("a virtio 1.x device must offer VIRTIO_F_VERSION_1")
@@ -368,8 +369,9 @@ class MmioTransport:
                     self.status = new
                     self._activate()
         if value & VIRTIO_CONFIG_S_FAILED and not old & VIRTIO_CONFIG_S_FAILED:
-            _guest_log.warn("virtio-mmio: driver gave up on device type %d (FAILED)",
-                            self.device.device_type)
+            self._sampled.sample("failed", logging.WARNING,
+                                 "virtio-mmio: driver gave up on device type %d (FAILED)",
+                                 self.device.device_type)
             new |= VIRTIO_CONFIG_S_FAILED
             if self.activated:
                 self.device.reset()  # the guest will not use it any more; stop serving
@@ -409,8 +411,9 @@ class MmioTransport:
                 raise QueueConfigError("DRIVER_OK with no queue ready")
             self.device.activate(self.memory, self.interrupt, queues, list(self.queue_events))
         except Exception as e:  # QueueConfigError, or a device that could not start
-            _guest_log.log(logging.ERROR, "virtio-mmio: cannot activate device type %d: %s; "
-                           "setting DEVICE_NEEDS_RESET", self.device.device_type, e)
+            self._sampled.sample("activate", logging.ERROR,
+                                 "virtio-mmio: cannot activate device type %d: %s; setting "
+                                 "DEVICE_NEEDS_RESET", self.device.device_type, e)
             for q in queues:
                 if q is not None:
                     q.close()

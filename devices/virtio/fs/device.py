@@ -25,17 +25,17 @@ from typing import Callable
 
 from devices.memory import GuestMemoryAccess
 from devices.virtio.device import BASE_FEATURES, VIRTIO_ID_FS, VirtioDevice
-from devices.virtio.fs.options import FS_MAX_TAG_LEN, FsOptions
+from devices.virtio.fs.options import DEFAULT_MAX_WRITE, FS_MAX_TAG_LEN, FsOptions
 from devices.virtio.fs.worker import FsWorker, WorkerCounters
 from devices.virtio.interrupt import Interrupt
 from devices.virtio.queue import Queue
+from fuse.logthrottle import LogThrottle
 from fuse.metrics import Metrics
 from fuse.trace import Trace
 
 logger = logging.getLogger(__name__)
 
 QUEUE_SIZE = 1024  # per queue maximum; the guest picks the actual size
-DEFAULT_MAX_WRITE = 1 << 20
 #: How long a reset (a vCPU thread) waits for the request in progress before giving up on it.
 STOP_TIMEOUT = 1.0
 
@@ -78,12 +78,12 @@ class FsDevice(VirtioDevice):
     device_type = VIRTIO_ID_FS
 
     def __init__(self, options: FsOptions, fs_factory: FsFactory | None = None, *,
-                 queue_size: int = QUEUE_SIZE, max_write: int = DEFAULT_MAX_WRITE,
+                 queue_size: int = QUEUE_SIZE, max_write: int | None = None,
                  stop_timeout: float = STOP_TIMEOUT) -> None:
         super().__init__()
         self.options = options
         self.stop_timeout = stop_timeout
-        self.max_write = max_write
+        self.max_write = options.max_write if max_write is None else max_write
         self.queue_max_sizes = [queue_size] * (1 + options.num_request_queues)
         self.config = config_space(options.tag, options.num_request_queues)
         self.fuse_metrics = Metrics()
@@ -95,13 +95,16 @@ class FsDevice(VirtioDevice):
             logger.info("virtio-fs %s: tracing requests to %s", options.tag, path)
         try:
             self.fs = (fs_factory or passthrough_factory)(options)
-            self.server = make_server(self.fs, self.fuse_metrics, self.trace, max_write)
+            self.server = make_server(self.fs, self.fuse_metrics, self.trace, self.max_write)
         except BaseException:
             if self.trace is not None:
                 self.trace.close()
             raise
         self._worker: FsWorker | None = None
         self._stuck: FsWorker | None = None  # a worker that did not stop in time
+        # Log lines a guest can repeat with every activation, thinned across all of them.
+        self._log = LogThrottle(logger)
+        self._worker_log = LogThrottle(logging.getLogger(FsWorker.__module__))
 
     @property
     def worker_thread(self):
@@ -122,7 +125,7 @@ class FsDevice(VirtioDevice):
                                    "until that host call returns")
             self._stuck = None
         worker = FsWorker(f"virtio-fs:{self.options.tag}", self.server, interrupt, queues,
-                          queue_events, self.counters)
+                          queue_events, self.counters, self._worker_log)
         worker.start()
         self._worker = worker
         logger.debug("virtio-fs %s: active with queue sizes %s", self.options.tag,
@@ -132,9 +135,10 @@ class FsDevice(VirtioDevice):
         worker, self._worker = self._worker, None
         if worker is not None and not worker.stop(self.stop_timeout):
             self._stuck = worker
-            logger.error("virtio-fs %s: the worker did not stop within %.1f s: it is stuck in %s;"
-                         " left behind (the device needs a reset once that call returns)",
-                         self.options.tag, self.stop_timeout, worker.stuck_in())
+            self._log.sample("stuck", logging.ERROR,
+                             "virtio-fs %s: the worker did not stop within %.1f s: it is stuck in"
+                             " %s; left behind (the device needs a reset once that call returns)",
+                             self.options.tag, self.stop_timeout, worker.stuck_in())
         self.server.end_session()  # the FUSE session ends with the driver; every host fd goes
 
     def close(self) -> None:

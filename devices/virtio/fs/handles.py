@@ -3,55 +3,83 @@
 Handles are pinned while a request uses them for the same reason as inodes (see pins.py): a
 RELEASE racing a READ on another queue must not close an fd that is still being read, or the fd
 number could be reused by an unrelated open.
+
+Why a limit: every handle costs the host one fd (and a directory handle up to one
+``readdir_buffer`` while a listing is in progress) until the guest releases it. Past
+``max_handles`` an OPEN, CREATE or OPENDIR fails with EMFILE, the errno a process gets at its own
+open-file limit; every request on handles already open keeps working.
 """
 
 from __future__ import annotations
 
 import errno
-import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ContextManager
 
+from .dirstream import DirStream
 from .pins import PinnedFds, close_fd
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Handle:
     fh: int
     nodeid: int
     fd: int
     is_dir: bool
-    # Directory handles: a snapshot of (d_ino, d_type, name) taken at offset 0, so READDIR
-    # offsets (index + 1) stay stable while the guest resumes across several requests.
-    entries: list[tuple[int, int, bytes]] | None = None
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    # Directory handles: where the listing stands (dirstream.py); None for files.
+    stream: DirStream | None = None
     pins: int = 0
     live: bool = True
 
 
 class HandleTable:
-    """Thread-safe map fh -> Handle. Handle numbers are monotonic, starting at 1."""
+    """Thread-safe map fh -> Handle. Handle numbers are monotonic, starting at 1.
 
-    def __init__(self) -> None:
+    At most ``max_handles`` are open at once (module docstring)."""
+
+    def __init__(self, max_handles: int | None = None) -> None:
         self._pins = PinnedFds("handle table")
         self._by_fh: dict[int, Handle] = {}
         self._next_fh = 1
+        self.max_handles = max_handles
 
     def __len__(self) -> int:
         with self._pins.lock:
             return len(self._by_fh)
 
-    def add(self, nodeid: int, fd: int, is_dir: bool) -> int:
-        """Take ownership of fd and return a new handle number."""
+    def _full(self) -> bool:
+        return self.max_handles is not None and len(self._by_fh) >= self.max_handles
+
+    def _full_error(self) -> OSError:
+        return OSError(errno.EMFILE, f"{self.max_handles} handles open (max_handles)")
+
+    def check_room(self) -> None:
+        """EMFILE if no handle can be added: checked before a request opens or creates
+        anything on the host, so a full table refuses the request with nothing done."""
+        with self._pins.lock:
+            if self._full():
+                raise self._full_error()
+
+    def add(self, nodeid: int, fd: int, is_dir: bool, stream: DirStream | None = None) -> int:
+        """Take ownership of fd and return a new handle number (EMFILE, and fd closed, when
+        ``max_handles`` are open)."""
         try:
             with self._pins.lock:
+                if self._full():
+                    raise self._full_error()
                 fh = self._next_fh
                 self._next_fh += 1
-                self._by_fh[fh] = Handle(fh, nodeid, fd, is_dir)
+                self._by_fh[fh] = Handle(fh, nodeid, fd, is_dir, stream)
                 return fh
         except BaseException:
             close_fd(fd)
             raise
+
+    def dir_buffer_bytes(self) -> int:
+        """Bytes of directory records all handles keep between READDIRs (for limits checks)."""
+        with self._pins.lock:
+            streams = [h.stream for h in self._by_fh.values() if h.stream is not None]
+        return sum(s.pending_bytes for s in streams)
 
     def _find(self, fh: int, nodeid: int, is_dir: bool) -> Handle:
         h = self._by_fh.get(fh)

@@ -8,6 +8,11 @@ its (st_dev, st_ino) key cannot be reused by another file while the guest still 
 Why pins: the guest may FORGET a node on the hiprio queue while a request queue is still using
 its fd, so an fd is closed only when the lookup count is 0 *and* no request holds a pin
 (``with table.pin(nodeid) as inode:``); pins.py holds that rule for this table and the handle table.
+
+Why a limit: every node id costs the host one fd and a few hundred bytes until the guest forgets
+it, and a guest decides how many it keeps. Past ``max_inodes`` a LOOKUP of a host inode the table
+does not know yet fails with ENFILE; node ids already known (and a new lookup of one of them,
+which :meth:`InodeTable.add_known` answers without opening anything) keep working.
 """
 
 from __future__ import annotations
@@ -50,7 +55,7 @@ ROOT_ID = 1
 ROOT_INITIAL_LOOKUPS = 2
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Inode:
     nodeid: int
     fd: int          # O_PATH | O_NOFOLLOW (| O_DIRECTORY for directories)
@@ -81,14 +86,44 @@ class Inode:
 
 class InodeTable:
     """Thread-safe map nodeid -> Inode, plus (st_dev, st_ino) -> Inode so that repeated lookups
-    and hard links of one host inode share one nodeid. Node ids are monotonic, never reused."""
+    and hard links of one host inode share one nodeid. Node ids are monotonic, never reused.
 
-    def __init__(self) -> None:
+    At most ``max_inodes`` node ids (the root included) are known at once (module docstring)."""
+
+    def __init__(self, max_inodes: int | None = None) -> None:
         self._pins = PinnedFds("inode table")
         self._lock = self._pins.lock
         self._by_id: dict[int, Inode] = {}
         self._by_key: dict[tuple[int, int], Inode] = {}
         self._next_id = ROOT_ID + 1
+        self.max_inodes = max_inodes
+
+    def _full(self) -> bool:
+        return self.max_inodes is not None and len(self._by_id) >= self.max_inodes
+
+    def check_room(self) -> None:
+        """ENFILE if no new node id can be added: checked before a request creates a host entry,
+        so that a full table refuses the creation instead of leaving an entry the guest never
+        hears of."""
+        with self._lock:
+            if self._full():
+                raise OSError(errno.ENFILE, f"{self.max_inodes} node ids known (max_inodes)")
+
+    def add_known(self, st: os.stat_result) -> Inode | None:
+        """Record one more lookup of the host inode ``st`` describes if the table knows it
+        already (no fd is needed for that); None if it is unknown."""
+        with self._lock:
+            inode = self._by_key.get((st.st_dev, st.st_ino))
+            if inode is not None:
+                inode.lookups += 1
+            return inode
+
+    def ref(self, inode: Inode) -> None:
+        """One more lookup of an inode the caller holds pinned (a hard link to it)."""
+        with self._lock:
+            if not inode.live:
+                raise OSError(errno.ESTALE, f"nodeid {inode.nodeid} was forgotten")
+            inode.lookups += 1
 
     def __len__(self) -> int:
         with self._lock:
@@ -108,7 +143,7 @@ class InodeTable:
         """Record one lookup of the host inode `fd` refers to (takes ownership of fd).
 
         If the inode is already known its lookup count goes up and `fd` is closed; otherwise a
-        new nodeid is allocated."""
+        new nodeid is allocated (ENFILE, and `fd` closed, when ``max_inodes`` are known)."""
         key = (st.st_dev, st.st_ino)
         dup = -1
         try:
@@ -117,13 +152,15 @@ class InodeTable:
                 if existing is not None:
                     existing.lookups += 1
                     dup = fd
+                elif self._full():
+                    raise OSError(errno.ENFILE, f"{self.max_inodes} node ids known (max_inodes)")
                 else:
                     existing = Inode(self._next_id, fd, st.st_dev, st.st_ino,
                                      stat.S_IFMT(st.st_mode), 1)
                     self._next_id += 1
                     self._by_id[existing.nodeid] = existing
                     self._by_key[key] = existing
-        except BaseException:  # the table never took the fd (only a wedged lock raises here)
+        except BaseException:  # the table never took the fd (a full table or a wedged lock)
             close_fd(fd)
             raise
         close_fd(dup)
@@ -163,6 +200,19 @@ class InodeTable:
                     del self._by_key[(inode.dev, inode.ino)]
                 fd = self._pins.retire(inode)
         close_fd(fd)
+
+    def one_dir_per_device(self) -> list[int]:
+        """Node ids of one known directory per host file system (st_dev), the root's first:
+        what SYNCFS needs to reach every file system the guest has written to."""
+        with self._lock:
+            root = self._by_id.get(ROOT_ID)
+            seen = {root.dev} if root is not None else set()
+            ids = [ROOT_ID] if root is not None else []
+            for inode in self._by_id.values():
+                if inode.is_dir and inode.dev not in seen:
+                    seen.add(inode.dev)
+                    ids.append(inode.nodeid)
+            return ids
 
     def lookup_count(self, nodeid: int) -> int:
         """Current lookup count (0 if unknown); for tests and metrics."""

@@ -25,6 +25,33 @@ CACHE_POLICIES = ("never", "auto", "always")
 #: ``passthrough`` sets them on the host as they are.
 XATTR_POLICIES = ("remap", "refuse", "passthrough")
 
+# Resource limits of one device (README "Resource limits"). Each bounds host memory and host fds a
+# guest can make the device hold; past a limit the guest gets an errno for that request only.
+#: Node ids the guest may know at once: each holds one O_PATH fd and ~0.4 KiB of host heap.
+DEFAULT_MAX_INODES = 16384
+#: Open files and directories at once: each holds one fd and ~0.4 KiB (plus a directory's
+#: ``readdir_buffer`` while a listing is in progress).
+DEFAULT_MAX_HANDLES = 1024
+#: Bytes of getdents64 records a directory handle may keep between two READDIRs (the entries read
+#: from the host but not yet sent), so that a guest reading on resumes without a seek.
+DEFAULT_READDIR_BUFFER = 4096
+#: Largest READ/WRITE/READDIR payload per request (FUSE's max_write, announced at INIT): the bytes
+#: one request can hold in flight. Linux 6.1 guests use at most 1 MiB (FUSE_MAX_MAX_PAGES).
+DEFAULT_MAX_WRITE = 1 << 20
+#: Host heap one known node id costs at most (measured: ~400 B; tests/test_fs_limits.py).
+BYTES_PER_INODE = 512
+#: Host heap one open handle costs at most besides a directory's readdir_buffer (~220 B measured).
+BYTES_PER_HANDLE = 512
+#: Heap of an idle device (tables, session, counters), bounded generously.
+DEVICE_BASE_BYTES = 1 << 20
+#: Bounds of each limit: (lowest, highest) accepted.
+LIMIT_RANGES = {
+    "max_inodes": (16, 1 << 24),
+    "max_handles": (16, 1 << 22),
+    "readdir_buffer": (1024, 1 << 20),
+    "max_write": (4096, 1 << 20),
+}
+
 
 #: Timeouts at or above this are refused rather than silently capped (FUSE carries validity as
 #: u64 seconds; nobody means 300 billion years).
@@ -78,6 +105,10 @@ class FsOptions:
     allow_mknod: bool = False      # character/block device nodes (MKNOD, RENAME_WHITEOUT)
     xattr_policy: str = "remap"    # remap | refuse | passthrough (see XATTR_POLICIES)
     allow_selinux_xattr: bool = False  # security.selinux goes to the host as it is
+    max_inodes: int = DEFAULT_MAX_INODES          # node ids known at once (ENFILE beyond)
+    max_handles: int = DEFAULT_MAX_HANDLES        # open files + directories (EMFILE beyond)
+    readdir_buffer: int = DEFAULT_READDIR_BUFFER  # bytes kept per directory handle
+    max_write: int = DEFAULT_MAX_WRITE            # bytes per READ/WRITE/READDIR request
 
     def __post_init__(self) -> None:
         # source
@@ -132,6 +163,27 @@ class FsOptions:
         if self.trace_path is not None and (not isinstance(self.trace_path, str)
                                             or not self.trace_path):
             raise ValueError(f"trace_path must be a non-empty string or None, got {self.trace_path!r}")
+
+        # resource limits
+        for field, (lo, hi) in LIMIT_RANGES.items():
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{field} must be an integer, got {value!r}")
+            if not lo <= value <= hi:
+                raise ValueError(f"{field} must be between {lo} and {hi}, got {value}")
+        if self.max_write % 4096:
+            raise ValueError(f"max_write must be a multiple of 4096, got {self.max_write}")
+
+    @property
+    def memory_ceiling(self) -> int:
+        """Bytes of host heap this share may make the VMM hold at most, whatever the guest does:
+        every node id and handle the limits allow (a directory handle with a full readdir
+        buffer), plus the request in flight on each queue (its reply is built once and copied
+        once: 2 x max_write). With the defaults: 15.5 MiB. Kernel memory for the fds (about
+        1 KiB per open file) comes on top; README "Resource limits"."""
+        return (DEVICE_BASE_BYTES + self.max_inodes * BYTES_PER_INODE
+                + self.max_handles * (BYTES_PER_HANDLE + self.readdir_buffer)
+                + self.num_request_queues * 2 * (self.max_write + self.readdir_buffer))
 
     @property
     def positive_timeout(self) -> float:

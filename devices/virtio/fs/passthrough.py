@@ -30,11 +30,25 @@ Policies (policy.py): set-id bits, device nodes and xattr names a guest may leav
 limited by default (``allow_setid``, ``allow_mknod``, ``xattr_policy``); set-id bits are killed
 on write, truncate and chown as a local file system does (FUSE_HANDLE_KILLPRIV_V2).
 
+Resources (README "Resource limits"): at most ``max_inodes`` node ids and ``max_handles`` open
+handles, each holding one fd (fdbudget.py raises RLIMIT_NOFILE for them); a directory handle keeps
+at most ``readdir_buffer`` bytes of its listing (dirstream.py streams READDIR from the fd). Past a
+limit the request gets ENFILE or EMFILE and nothing else changes. Requests that need no new fd keep
+working when the process has none left: a LOOKUP of a name whose inode is known (fstatat, then the
+table), FLUSH (fdatasync when no fd is left for the duplicate it closes), truncate (through the
+inode's magic link), and everything on open handles. Long calls are split (chunks.py) so that a
+device reset never waits for a whole 512 MiB FALLOCATE or COPY_FILE_RANGE.
+
+Durability: FSYNC and FSYNCDIR fsync the handle's fd and SYNCFS syncfs()es every host file system
+the guest has reached, each before the reply; FLUSH only runs the host's flush-on-close (a local
+file system writes nothing on close, so neither does FLUSH).
+
 Every public method raises only OSError with a meaningful errno (see ``_guard``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import functools
@@ -55,7 +69,8 @@ from fuse.limits import (
 )
 from fuse.logthrottle import LogThrottle
 
-from . import creds, syscalls
+from . import chunks, creds, fdbudget, syscalls
+from .dirstream import DirStream
 from .handles import HandleTable
 from .inodes import ROOT_ID, Inode, InodeTable, proc_fd_path
 from .options import FsOptions
@@ -124,6 +139,21 @@ def _check_int(value: Any, what: str, lo: int = 0, hi: int = OFFSET_MAX) -> int:
     return value
 
 
+#: FALLOCATE modes that act on each byte of the range independently, so that the range may be
+#: done in pieces (COLLAPSE_RANGE and INSERT_RANGE move the rest of the file: never split).
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_FALLOC_FL_ZERO_RANGE = 0x10
+_FALLOC_FL_UNSHARE_RANGE = 0x40
+_SPLITTABLE_FALLOC = (_FALLOC_FL_KEEP_SIZE | _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_ZERO_RANGE
+                      | _FALLOC_FL_UNSHARE_RANGE)
+_NO_FD_LEFT = (errno.EMFILE, errno.ENFILE)
+
+
+def _stopped(what: str) -> OSError:
+    return _err(errno.EINTR, f"{what} stopped between pieces: the device is being reset")
+
+
 def _dt_from_mode(mode: int) -> int:
     return {
         stat.S_IFREG: abi.DT_REG, stat.S_IFDIR: abi.DT_DIR, stat.S_IFLNK: abi.DT_LNK,
@@ -137,10 +167,12 @@ class PassthroughFs(FileSystem):
 
     def __init__(self, options: FsOptions) -> None:
         self.options = options
-        self._inodes = InodeTable()
-        self._handles = HandleTable()
+        self._inodes = InodeTable(options.max_inodes)
+        self._handles = HandleTable(options.max_handles)
         self._as_root = os.geteuid() == 0
         self._xattrs = XattrMap(options.xattr_policy, options.allow_selinux_xattr)
+        self.fd_budget = fdbudget.reserve(self, options.max_inodes + options.max_handles,
+                                          f"virtio-fs {options.tag}")
         self._open_root()
 
     # ------------------------------------------------------------------ helpers
@@ -204,6 +236,16 @@ class PassthroughFs(FileSystem):
         return self._entry(inode, st)
 
     def _do_lookup(self, parent: Inode, name: bytes) -> Entry:
+        """One lookup of `name`: an fstatat first, so that a name whose inode the table already
+        knows costs no fd (it must keep working when the fd limit is reached); only an unknown
+        inode is opened. The fstatat's answer is used only as a key: the fd opened afterwards is
+        what gets registered, so a name swapped in between is never mistaken for the old one."""
+        if not parent.is_dir:
+            raise _err(errno.ENOTDIR)
+        st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+        known = self._inodes.add_known(st)
+        if known is not None:
+            return self._entry(known, st)
         return self._add(self._lookup_fd(parent, name))
 
     def _creating(self, ctx: Context, umask: int) -> Any:
@@ -289,9 +331,9 @@ class PassthroughFs(FileSystem):
         """Close every fd of the session. A table whose lock is wedged (a bug, logged by
         PinnedFds) is abandoned for a fresh one, so a new session always starts working."""
         if not self._handles.clear():
-            self._handles = HandleTable()
+            self._handles = HandleTable(self.options.max_handles)
         if not self._inodes.clear():
-            self._inodes = InodeTable()
+            self._inodes = InodeTable(self.options.max_inodes)
 
     def inode_count(self) -> int:
         """Number of node ids currently known (root included); for tests and metrics."""
@@ -299,6 +341,10 @@ class PassthroughFs(FileSystem):
 
     def handle_count(self) -> int:
         return len(self._handles)
+
+    def dir_buffer_bytes(self) -> int:
+        """Bytes of directory listings kept between READDIRs, all handles together."""
+        return self._handles.dir_buffer_bytes()
 
     def lookup_count(self, nodeid: int) -> int:
         return self._inodes.lookup_count(nodeid)
@@ -403,11 +449,8 @@ class PassthroughFs(FileSystem):
                     if e.errno not in (errno.EBADF, errno.EINVAL):
                         raise
                     # Handle opened read-only: fall through to a write-only reopen.
-        fd = os.open(inode.proc_path, os.O_WRONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-        try:
-            os.ftruncate(fd, size)
-        finally:
-            os.close(fd)
+        # truncate(2) through the magic link reaches exactly this inode and needs no new fd.
+        os.truncate(inode.proc_path, size)
 
     @_guard
     def readlink(self, ctx: Context, nodeid: int) -> bytes:
@@ -422,6 +465,7 @@ class PassthroughFs(FileSystem):
         name = check_name(name)
         target = check_symlink_target(target)
         with self._inodes.pin_dir(parent) as p:
+            self._inodes.check_room()
             # The target is only text stored in the link; the server never follows it.
             with self._creating(ctx, 0):
                 os.symlink(target, name, dir_fd=p.fd)
@@ -446,6 +490,7 @@ class PassthroughFs(FileSystem):
             raise _err(errno.EINVAL, "bad file type for mknod")
         perm = permitted_mode(mode, False, self.options.allow_setid)
         with self._inodes.pin_dir(parent) as p:
+            self._inodes.check_room()
             with self._creating(ctx, umask):
                 os.mknod(name, ftype | perm, dev, dir_fd=p.fd)
             return self._enter_new(ctx, p, name, ftype)
@@ -457,6 +502,7 @@ class PassthroughFs(FileSystem):
         umask = _check_int(umask, "umask", 0, 0xFFFFFFFF)
         perm = permitted_mode(mode, True, self.options.allow_setid)
         with self._inodes.pin_dir(parent) as p:
+            self._inodes.check_room()
             with self._creating(ctx, umask):
                 os.mkdir(name, perm, dir_fd=p.fd)
             return self._enter_new(ctx, p, name, stat.S_IFDIR)
@@ -512,8 +558,10 @@ class PassthroughFs(FileSystem):
                 # AT_EMPTY_PATH needs CAP_DAC_READ_SEARCH; the magic link names the same inode.
                 syscalls.linkat(syscalls.AT_FDCWD, inode.proc_path.encode(), np.fd, newname,
                                 syscalls.AT_SYMLINK_FOLLOW)
-            # The new name is the same inode: count one more lookup on it.
-            return self._add(os.dup(inode.fd))
+            # The new name is the same inode: count one more lookup on it (no new fd).
+            st = os.fstat(inode.fd)
+            self._inodes.ref(inode)
+            return self._entry(inode, st)
 
     # ------------------------------------------------------------------ files
 
@@ -530,6 +578,7 @@ class PassthroughFs(FileSystem):
                 # FIFOs/sockets are handled by the guest kernel; opening them here could block
                 # the worker thread.
                 raise _err(errno.ENXIO, "not a regular file")
+            self._handles.check_room()
             fd = os.open(inode.proc_path, oflags)
             try:
                 self._truncated(fd, oflags, open_flags)
@@ -556,6 +605,8 @@ class PassthroughFs(FileSystem):
         want_excl = bool(flags & os.O_EXCL)
         perm = permitted_mode(mode, False, self.options.allow_setid)
         with self._inodes.pin_dir(parent) as p:
+            self._handles.check_room()
+            self._inodes.check_room()
             fd, created = self._create_open(ctx, p, name, oflags, perm, umask, want_excl)
             try:
                 st = os.fstat(fd)
@@ -609,12 +660,14 @@ class PassthroughFs(FileSystem):
         size = _check_int(size, "size", 0, 0xFFFFFFFF)
         offset = _check_int(offset, "offset")
         with self._handles.pin(fh, nodeid) as h:
-            total = 0
-            while total < size:
-                n = writer.write_from_fd(h.fd, size - total, offset + total)
-                if n <= 0:
-                    break
-                total += n
+            fd = h.fd
+            total, stopped = chunks.run(
+                size, lambda done, n: writer.write_from_fd(fd, n, offset + done),
+                ctx.should_stop, chunks.IO)
+            if stopped:
+                # A short READ could read as end of file to the guest's page cache: fail instead
+                # (nobody receives this reply: the device is being reset).
+                raise _stopped("READ")
             return total
 
     @_guard
@@ -627,12 +680,11 @@ class PassthroughFs(FileSystem):
             if write_flags & abi.FUSE_WRITE_KILL_SUIDGID:
                 self._kill_setid(h.fd, os.fstat(h.fd))
             self._kill_remapped_capability(h.fd)
-            total = 0
-            while total < size:
-                n = reader.read_to_fd(h.fd, size - total, offset + total)
-                if n <= 0:
-                    break
-                total += n
+            fd = h.fd
+            # Stopped early, the count says what reached the file (a short write is legal).
+            total, _stopped_early = chunks.run(
+                size, lambda done, n: reader.read_to_fd(fd, n, offset + done),
+                ctx.should_stop, chunks.IO)
             return total
 
     @_guard
@@ -640,7 +692,16 @@ class PassthroughFs(FileSystem):
         with self._handles.pin(fh, nodeid) as h:
             # close() of a duplicate runs the host filesystem's flush-on-close (e.g. NFS)
             # without giving up our handle.
-            os.close(os.dup(h.fd))
+            try:
+                dup = os.dup(h.fd)
+            except OSError as e:
+                if e.errno not in _NO_FD_LEFT:
+                    raise
+                # No fd left for the duplicate: the guest's close() must still succeed. Writing
+                # the data back is what a flush-on-close does at most, so do that instead.
+                os.fdatasync(h.fd)
+                return
+            os.close(dup)
 
     @_guard
     def release(self, ctx: Context, nodeid: int, fh: int, flags: int) -> None:
@@ -658,7 +719,20 @@ class PassthroughFs(FileSystem):
         offset = _check_int(offset, "offset")
         length = _check_int(length, "length", 1)
         with self._handles.pin(fh, nodeid) as h:
-            syscalls.fallocate(h.fd, mode, offset, length)
+            fd = h.fd
+            if mode & ~_SPLITTABLE_FALLOC:
+                syscalls.fallocate(fd, mode, offset, length)
+                return
+
+            def piece(done: int, n: int) -> int:
+                syscalls.fallocate(fd, mode, offset + done, n)
+                return n
+
+            # POSIX makes fallocate all or nothing, but a stop only comes with a device reset
+            # (a crash, from the guest's side): the pieces done so far stay, as after a crash.
+            _done, stopped = chunks.run(length, piece, ctx.should_stop, chunks.ALLOCATE)
+            if stopped:
+                raise _stopped("FALLOCATE")
 
     @_guard
     def lseek(self, ctx: Context, nodeid: int, fh: int, offset: int, whence: int) -> int:
@@ -680,7 +754,13 @@ class PassthroughFs(FileSystem):
         length = min(_check_int(length, "length", 0, (1 << 64) - 1), 1 << 30)
         with self._handles.pin(fh_in, nodeid_in) as hin, \
                 self._handles.pin(fh_out, nodeid_out) as hout:
-            return os.copy_file_range(hin.fd, hout.fd, length, off_in, off_out)
+            fd_in, fd_out = hin.fd, hout.fd
+            # Stopped early, the count is what was copied: a short copy is a legal answer.
+            copied, _stopped_early = chunks.run(
+                length, lambda done, n: os.copy_file_range(fd_in, fd_out, n, off_in + done,
+                                                           off_out + done),
+                ctx.should_stop, chunks.COPY)
+            return copied
 
     # ------------------------------------------------------------------ directories
 
@@ -689,68 +769,79 @@ class PassthroughFs(FileSystem):
         with self._inodes.pin(nodeid) as inode:
             if not inode.is_dir:
                 raise _err(errno.ENOTDIR)
+            self._handles.check_room()
             fd = os.open(inode.proc_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            return self._handles.add(nodeid, fd, True), self._fopen_flags(True)
+            stream = DirStream(fd, self.options.readdir_buffer)
+            return self._handles.add(nodeid, fd, True, stream), self._fopen_flags(True)
 
-    def _snapshot(self, nodeid: int, fh: int, offset: int) -> list[tuple[int, int, bytes]]:
-        """Directory listing for READDIR at `offset`. The snapshot is (re)taken at offset 0 and
-        offsets are indices into it, so a guest resuming at any offset it was given sees a
-        consistent listing even if the directory changes meanwhile."""
+    def _dir_entries(self, nodeid: int, fh: int, offset: int
+                     ) -> Iterator[tuple[int, int, int, bytes]]:
+        """The handle's listing from `offset` (dirstream.py), with the handle pinned for as long
+        as the listing is read. Closing this iterator closes the stream's, at the same entry."""
         with self._handles.pin(fh, nodeid, is_dir=True) as h:
-            with h.lock:
-                if offset == 0 or h.entries is None:
-                    syscalls.lseek(h.fd, 0, os.SEEK_SET)
-                    h.entries = list(syscalls.getdents64(h.fd))
-                return h.entries
+            assert h.stream is not None
+            with contextlib.closing(h.stream.entries(offset)) as entries:
+                yield from entries
+
+    def _check_dir_handle(self, nodeid: int, fh: int) -> None:
+        """Unknown or not a directory handle: the error now, not at the first entry."""
+        with self._handles.pin(fh, nodeid, is_dir=True):
+            pass
 
     @_guard
     def readdir(self, ctx: Context, nodeid: int, fh: int, offset: int) -> Iterator[DirEntry]:
         offset = _check_int(offset, "offset")
-        entries = self._snapshot(nodeid, fh, offset)
-        return _guard_iter("readdir", self._iter_readdir(entries, offset))
+        self._check_dir_handle(nodeid, fh)
+        return _guard_iter("readdir", self._iter_readdir(nodeid, fh, offset))
 
-    @staticmethod
-    def _iter_readdir(entries: list[tuple[int, int, bytes]], offset: int) -> Iterator[DirEntry]:
-        for i in range(offset, len(entries)):
-            ino, dtype, name = entries[i]
-            yield DirEntry(ino, i + 1, dtype, name)
+    def _iter_readdir(self, nodeid: int, fh: int, offset: int) -> Iterator[DirEntry]:
+        with contextlib.closing(self._dir_entries(nodeid, fh, offset)) as entries:
+            for ino, off, dtype, name in entries:
+                yield DirEntry(ino, off, dtype, name)
 
     @_guard
     def readdirplus(self, ctx: Context, nodeid: int, fh: int, offset: int
                     ) -> Iterator[tuple[DirEntry, Entry]]:
         offset = _check_int(offset, "offset")
-        entries = self._snapshot(nodeid, fh, offset)
-        return _guard_iter("readdirplus", self._iter_readdirplus(nodeid, entries, offset))
+        self._check_dir_handle(nodeid, fh)
+        return _guard_iter("readdirplus", self._iter_readdirplus(nodeid, fh, offset))
 
-    def _iter_readdirplus(self, nodeid: int, entries: list[tuple[int, int, bytes]],
-                          offset: int) -> Iterator[tuple[DirEntry, Entry]]:
+    def _iter_readdirplus(self, nodeid: int, fh: int, offset: int
+                          ) -> Iterator[tuple[DirEntry, Entry]]:
         """Lazily look up each entry, so that only entries the server pulls get a lookup count
-        (the server forgets the last one if it does not fit)."""
+        (the server forgets the last one if it does not fit, and the stream keeps it)."""
         sent = 0
-        for i in range(offset, len(entries)):
-            ino, dtype, name = entries[i]
-            if name in (b".", b".."):
-                # The guest ignores these in READDIRPLUS; nodeid 0 means "no lookup".
-                yield (DirEntry(ino, i + 1, dtype, name),
-                       Entry(nodeid=0, generation=0, attr=None, entry_timeout=0.0,
-                             attr_timeout=0.0))
+        # nodeid 0 in a READDIRPLUS record means "no lookup for this name" (the guest lists the
+        # name and looks it up later if it needs to), not "does not exist".
+        no_lookup = Entry(nodeid=0, generation=0, attr=None, entry_timeout=0.0, attr_timeout=0.0)
+        with contextlib.closing(self._dir_entries(nodeid, fh, offset)) as entries:
+            for ino, off, dtype, name in entries:
+                if name in (b".", b".."):
+                    # The guest ignores these in READDIRPLUS.
+                    yield DirEntry(ino, off, dtype, name), no_lookup
+                    sent += 1
+                    continue
+                try:
+                    with self._inodes.pin(nodeid) as p:
+                        entry = self._do_lookup(p, check_name(name))
+                except OSError as e:
+                    if e.errno == errno.ENOENT:
+                        continue            # removed since the host listed it
+                    if e.errno in _NO_FD_LEFT:
+                        # No room for another node id (max_inodes) or fd: still list the name.
+                        yield DirEntry(ino, off, dtype, name), no_lookup
+                        sent += 1
+                        continue
+                    if sent == 0:
+                        raise
+                    # Stop here (this entry stays in the stream); the guest resumes at it and
+                    # then sees the error.
+                    logger.debug("readdirplus stops at %r: %s", name, e)
+                    return
+                st = entry.attr
+                assert st is not None
+                yield DirEntry(st.st_ino, off, _dt_from_mode(st.st_mode), name), entry
                 sent += 1
-                continue
-            try:
-                with self._inodes.pin(nodeid) as p:
-                    entry = self._do_lookup(p, check_name(name))
-            except OSError as e:
-                if e.errno == errno.ENOENT:
-                    continue            # removed since the snapshot
-                if sent == 0:
-                    raise
-                # Stop here; the guest resumes at this entry and then sees the error.
-                logger.debug("readdirplus stops at %r: %s", name, e)
-                return
-            st = entry.attr
-            assert st is not None
-            yield DirEntry(st.st_ino, i + 1, _dt_from_mode(st.st_mode), name), entry
-            sent += 1
 
     @_guard
     def releasedir(self, ctx: Context, nodeid: int, fh: int) -> None:
@@ -760,6 +851,24 @@ class PassthroughFs(FileSystem):
     def fsyncdir(self, ctx: Context, nodeid: int, fh: int, datasync: bool) -> None:
         with self._handles.pin(fh, nodeid, is_dir=True) as h:
             (os.fdatasync if datasync else os.fsync)(h.fd)
+
+    @_guard
+    def syncfs(self, ctx: Context, nodeid: int) -> None:
+        """syncfs(2) on every host file system of the share the guest has reached: the share's
+        own, and each other one mounted below it that a known directory lives on (virtiofsd
+        does the same for submounts). Never sync(2): other file systems are not the guest's."""
+        for dir_id in self._inodes.one_dir_per_device():
+            try:
+                with self._inodes.pin(dir_id) as inode:
+                    fd = os.open(inode.proc_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except OSError as e:
+                if e.errno == errno.EBADF and dir_id != ROOT_ID:
+                    continue  # forgotten meanwhile; its file system is synced through another
+                raise
+            try:
+                syscalls.syncfs(fd)
+            finally:
+                os.close(fd)
 
     # ------------------------------------------------------------------ misc
 

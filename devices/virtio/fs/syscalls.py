@@ -1,7 +1,7 @@
 """Thin ctypes wrappers for the Linux *at syscalls the passthrough needs and `os` lacks.
 
 Python's `os` module has no openat2, renameat2, getdents64, AT_EMPTY_PATH variants of
-utimensat/fchownat/linkat, or fallocate with a mode. Those are exactly the calls that let the
+utimensat/fchownat/linkat, fallocate with a mode, or syncfs. Those are exactly the calls that let the
 server act on an O_PATH fd without ever handing a path string to the kernel, which is what keeps
 guest requests inside the shared directory. Every wrapper raises OSError with the real errno.
 """
@@ -11,8 +11,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import struct
-from typing import Iterator
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -168,25 +166,19 @@ def xattr_absent(target: int | str, name: bytes) -> bool:
     return r < 0 and ctypes.get_errno() in (errno.ENODATA, errno.ENOTSUP)
 
 
-_DIRENT_HDR = struct.Struct("<QqHB")   # d_ino, d_off, d_reclen, d_type; then NUL-terminated name
-
-
-def getdents64(fd: int, bufsize: int = 64 * 1024) -> Iterator[tuple[int, int, bytes]]:
-    """Yield (d_ino, d_type, name) for every entry of the open directory fd, from its current
-    position to the end. Includes "." and ".." as the kernel reports them."""
+def getdents64_raw(fd: int, bufsize: int) -> bytes:
+    """One getdents64(2) call: the raw linux_dirent64 records (b"" at the end of the directory),
+    read from the fd's current position, which advances past them."""
     buf = ctypes.create_string_buffer(bufsize)
-    while True:
-        n = _libc.syscall(SYS_getdents64, ctypes.c_int(fd), buf, ctypes.c_uint(bufsize))
-        if n < 0:
-            _raise_errno("getdents64")
-        if n == 0:
-            return
-        data = buf.raw[:n]
-        pos = 0
-        while pos < n:
-            d_ino, _d_off, reclen, d_type = _DIRENT_HDR.unpack_from(data, pos)
-            if reclen < _DIRENT_HDR.size or pos + reclen > n:
-                raise OSError(errno.EIO, "corrupt getdents64 record")
-            name = data[pos + _DIRENT_HDR.size:pos + reclen].split(b"\0", 1)[0]
-            pos += reclen
-            yield d_ino, d_type, name
+    n = _libc.syscall(SYS_getdents64, ctypes.c_int(fd), buf, ctypes.c_uint(bufsize))
+    if n < 0:
+        _raise_errno("getdents64")
+    if n > bufsize:
+        raise OSError(errno.EIO, f"getdents64 returned {n} bytes for a {bufsize}-byte buffer")
+    return buf.raw[:n]
+
+
+def syncfs(fd: int) -> None:
+    """syncfs(2): write back everything of the file system ``fd`` is on (not an O_PATH fd)."""
+    if _libc.syncfs(ctypes.c_int(fd)) != 0:
+        _raise_errno("syncfs")

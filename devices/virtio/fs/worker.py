@@ -5,9 +5,11 @@ thread) and on a stop eventfd. On a kick it drains that queue: pop a chain, let 
 handle it through a Reader/Writer over guest memory, put it on the used ring, and raise one
 interrupt per drained batch if the driver asked for one (EVENT_IDX aware).
 
-The guest is hostile and the server may have bugs: a bad chain or a failing request is logged once
-per kind and returned to the guest with 0 bytes; nothing a guest sends can end this thread. Only a
-corrupt ring (QueueBroken) stops service on that queue, with DEVICE_NEEDS_RESET reported.
+The guest is hostile and the server may have bugs: a bad chain or a failing request is logged
+(rate-limited per kind, by a throttle the device keeps across resets, so re-activating the device
+does not restart the count) and returned to the guest with 0 bytes; nothing a guest sends can end
+this thread. Only a corrupt ring (QueueBroken) stops service on that queue, with DEVICE_NEEDS_RESET
+reported.
 
 Stopping is bounded: ``stop(timeout)`` waits at most that long for the request in progress. A
 request that does not return (a host file system call that blocks, or a bug) leaves the thread
@@ -27,15 +29,12 @@ import time
 from dataclasses import asdict, dataclass
 
 from devices.virtio.chain import ChainReader, ChainWriter
-from devices.virtio.device import LogOnce
 from devices.virtio.interrupt import Interrupt
 from devices.virtio.queue import DescriptorChain, InvalidChain, Queue, QueueBroken
 from fuse import abi
 from fuse.logthrottle import LogThrottle
 
 logger = logging.getLogger(__name__)
-#: A guest can break a ring again after every reset: those lines are sampled.
-_guest_log = LogThrottle(logger)
 
 _OPCODE_UNIQUE = struct.Struct("<4xIQ")  # fuse_in_header: len, opcode, unique
 
@@ -63,7 +62,8 @@ class FsWorker:
     """Owns the worker thread, its epoll fd and its stop eventfd (not the queue eventfds)."""
 
     def __init__(self, name: str, server, interrupt: Interrupt, queues: list[Queue | None],
-                 queue_events: list[int], counters: WorkerCounters) -> None:
+                 queue_events: list[int], counters: WorkerCounters,
+                 log: LogThrottle | None = None) -> None:
         if len(queues) != len(queue_events):
             raise ValueError("one eventfd per queue")
         self.server = server
@@ -71,7 +71,7 @@ class FsWorker:
         self.queues = queues
         self.queue_events = queue_events
         self.counters = counters
-        self._log = LogOnce(logger)
+        self._log = log if log is not None else LogThrottle(logger)
         self._stopping = False
         self._broken: set[int] = set()
         # The request being served (queue, chain, start time), for stop()'s diagnosis.
@@ -82,6 +82,12 @@ class FsWorker:
     @property
     def thread(self) -> threading.Thread:
         return self._thread
+
+    def stop_requested(self) -> bool:
+        """The ``should_stop`` of every request this worker serves: True once stop() was called,
+        so a long request ends between two pieces (devices/virtio/fs/chunks.py) instead of
+        keeping a device reset waiting."""
+        return self._stopping
 
     def start(self) -> None:
         self._thread.start()
@@ -161,16 +167,16 @@ class FsWorker:
             try:
                 chain = q.pop()
             except InvalidChain as e:
-                self._log("invalid:" + re.sub(r"\d+", "N", e.reason), "virtio-fs queue %d: %s; returning it "
-                          "with 0 bytes (further chains of this kind are not logged)", i, e)
+                self._log.sample("invalid:" + re.sub(r"\d+", "N", e.reason), logging.WARNING,
+                                 "virtio-fs queue %d: %s; returning it with 0 bytes", i, e)
                 self.counters.invalid_chains += 1
                 self.counters.chains += 1
                 q.add_used(e.head, 0)
                 returned += 1
                 continue
             except QueueBroken as e:
-                _guest_log.log(logging.ERROR, "virtio-fs queue %d: %s; queue stopped, device "
-                               "needs reset", i, e)
+                self._log.sample("broken", logging.ERROR,
+                                 "virtio-fs queue %d: %s; queue stopped, device needs reset", i, e)
                 self._broken.add(i)
                 self.counters.broken_queues += 1
                 self.interrupt.signal_needs_reset()
@@ -192,14 +198,17 @@ class FsWorker:
     def _handle(self, i: int, chain) -> int:
         writer = ChainWriter(chain)
         try:
-            n = self.server.handle(ChainReader(chain), writer, queue=i)
+            n = self.server.handle(ChainReader(chain), writer, queue=i,
+                                   should_stop=self.stop_requested)
         except Exception as e:  # never let one request end the worker
             self.counters.handler_errors += 1
-            self._log(f"handler:{type(e).__name__}", "virtio-fs queue %d: request failed (%s: %s); "
-                      "returning it with 0 bytes", i, type(e).__name__, e, level=logging.ERROR)
+            self._log.sample(f"handler:{type(e).__name__}", logging.ERROR,
+                             "virtio-fs queue %d: request failed (%s: %s); returning it with 0 "
+                             "bytes", i, type(e).__name__, e)
             return 0
         if not isinstance(n, int) or n < 0 or n > writer.bytes_written:
-            self._log("handler-len", "virtio-fs queue %d: server reported %r bytes but wrote %d",
-                      i, n, writer.bytes_written, level=logging.ERROR)
+            self._log.sample("handler-len", logging.ERROR,
+                             "virtio-fs queue %d: server reported %r bytes but wrote %d",
+                             i, n, writer.bytes_written)
             return writer.bytes_written
         return n
