@@ -278,6 +278,12 @@ class GuestMemory:
                 return r, off
         raise GuestMemoryError(f"guest address {gpa:#x} (length {length}) is not in RAM")
 
+    def host_address(self, gpa: int, length: int) -> int:
+        """This process's address of [gpa, gpa + length), which must lie inside one region: what a
+        vhost-user front-end puts into SET_VRING_ADDR (ring addresses are front-end user addresses)."""
+        r, off = self._locate(gpa, length)
+        return r.host_addr + off
+
     def contains(self, gpa: int, length: int = 1) -> bool:
         """True if [gpa, gpa+length) lies inside one RAM region."""
         try:
