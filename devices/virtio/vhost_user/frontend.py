@@ -387,7 +387,9 @@ class VhostUserFsFrontend(VirtioDevice):
             return
         self.lost = why
         message = f"vhost-user-fs back-end {self.path}: {why} while the VM was running"
-        logger.error("%s; the device needs a reset", message)
+        # With on_lost the VMM prints the message once as its exit line; otherwise log it here.
+        logger.log(logging.INFO if self.on_lost else logging.ERROR, "%s; the device needs a reset",
+                   message)
         self._needs_reset()
         if self.on_lost is not None:
             self.on_lost(message)
