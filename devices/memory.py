@@ -10,16 +10,18 @@ memoryviews / ``struct.unpack_from`` on the mapping, so the only copy is the one
 it in three separate steps, so each can change without the others:
 
 1. a *backing* makes the host mapping of one region: ``map_anonymous`` (private anonymous memory
-   with ``MAP_NORESERVE``: the host commits a page only when it is touched);
-2. ``MemoryRegion(gpa, mapping)`` places a mapping at a guest-physical address;
+   with ``MAP_NORESERVE``: the host commits a page only when it is touched) or ``map_memfd`` (a
+   sealed memfd mapped ``MAP_SHARED``, which another process can map too: the region keeps the fd,
+   so a vhost-user front-end can send it to its back-end);
+2. ``MemoryRegion(gpa, mapping)`` places a mapping (or a window of one) at a guest-physical address;
 3. ``GuestMemory(regions)`` checks the regions do not overlap and serves bounds-checked access.
 
 ``GuestMemory.from_ranges([(gpa, size), ...], backing=...)`` does all three for RAM the process maps
 itself; it needs only mmap, so unit tests use the real class. ``register(vm)`` (KVM memory slots) is a
-separate call the VMM makes. Guest RAM in a memfd mapped ``MAP_SHARED`` (so another process can map
-the same pages) is another backing; a vhost-user backend, which receives (fd, offset, size) per region
-from its front-end, builds ``MemoryRegion(gpa, mmap(fd, size, MAP_SHARED, offset=offset))`` and keeps
-the front-end's user address beside each region to translate ring addresses.
+separate call the VMM makes. A vhost-user back-end, which receives (fd, offset, size) per region from
+its front-end, builds ``MemoryRegion(gpa, mmap(fd, ...), offset=..., size=...)`` per region
+(``devices.virtio.vhost_user.memory``) and keeps the front-end's user address beside each one to
+translate ring addresses.
 
 This lives below the VMM (layers point downward: vmm -> devices) so that device code -- including a
 vhost-user backend, which has no VMM -- can use it; ``vmm.memory`` adds the VMM's RAM layout.
@@ -28,13 +30,16 @@ vhost-user backend, which has no VMM -- can use it; ``vmm.memory`` adds the VMM'
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import logging
 import mmap
+import os
 import struct
+from dataclasses import dataclass
 from typing import Callable, Iterable, Protocol, Sequence, runtime_checkable
 
-__all__ = ["Backing", "GuestMemory", "GuestMemoryAccess", "GuestMemoryError", "MemoryRegion",
-           "PAGE_SIZE", "map_anonymous"]
+__all__ = ["Backing", "FileMapping", "GuestMemory", "GuestMemoryAccess", "GuestMemoryError",
+           "MemoryRegion", "PAGE_SIZE", "map_anonymous", "map_memfd"]
 
 logger = logging.getLogger(__name__)
 
@@ -90,14 +95,46 @@ _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 
+
+@dataclass(frozen=True)
+class FileMapping:
+    """What a shareable backing returns: ``mapping`` shows ``len(mapping)`` bytes of the file ``fd``
+    from ``offset`` on. The region made from it owns ``fd`` (and closes it)."""
+
+    mapping: mmap.mmap
+    fd: int
+    offset: int = 0
+
+
 #: Makes a fresh read/write host mapping of ``size`` bytes for one region.
-Backing = Callable[[int], mmap.mmap]
+Backing = Callable[[int], "mmap.mmap | FileMapping"]
+
+_F_ADD_SEALS = getattr(fcntl, "F_ADD_SEALS", 1033)
+#: No shrinking (a peer's mapping past the end would fault), no growing, no further seal changes.
+_RAM_SEALS = (getattr(fcntl, "F_SEAL_SHRINK", 0x2) | getattr(fcntl, "F_SEAL_GROW", 0x4)
+              | getattr(fcntl, "F_SEAL_SEAL", 0x1))
 
 
 def map_anonymous(size: int) -> mmap.mmap:
     """Private anonymous memory, committed page by page on first touch."""
     return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
                      | getattr(mmap, "MAP_NORESERVE", 0), prot=mmap.PROT_READ | mmap.PROT_WRITE)
+
+
+def map_memfd(size: int) -> FileMapping:
+    """A memfd of ``size`` bytes mapped ``MAP_SHARED``: RAM another process (a vhost-user back-end)
+    can map from the fd. Sealed against shrinking and growing, as QEMU's memory-backend-memfd is, so
+    a peer that mapped it can rely on its size. Pages are allocated on first touch (memfd_create
+    sets up its file with VM_NORESERVE), like ``map_anonymous``'s."""
+    fd = os.memfd_create("pyvmm-guest-ram", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, size)
+        fcntl.fcntl(fd, _F_ADD_SEALS, _RAM_SEALS)
+        mapping = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    except BaseException:
+        os.close(fd)
+        raise
+    return FileMapping(mapping, fd)
 
 
 def _check_pages(gpa: int, size: int) -> None:
@@ -116,23 +153,48 @@ def _host_address(mapping: mmap.mmap) -> int:
 
 
 class MemoryRegion:
-    """``size = len(mapping)`` bytes of guest-physical memory at ``gpa``, backed by the host mapping
-    ``mapping`` (which the region owns and unmaps in ``close()``). ``slot`` is set by
-    ``GuestMemory``. No page rule here: a region described by a peer need not be page-sized; RAM
-    made by ``GuestMemory.from_ranges`` is, because KVM needs it."""
+    """``size`` bytes of guest-physical memory at ``gpa``: bytes [offset, offset + size) of the host
+    mapping ``mapping`` (all of it by default), which the region owns and unmaps in ``close()``.
+    ``slot`` is set by ``GuestMemory``. No page rule here: a region described by a peer need not be
+    page-sized or start on a page of its file (the back-end maps from the page below and passes
+    ``offset``); RAM made by ``GuestMemory.from_ranges`` is page-sized, because KVM needs it.
 
-    __slots__ = ("gpa", "size", "mapping", "host_addr", "slot", "_view")
+    ``fd``/``file_offset``: the file behind a shareable mapping (the region owns ``fd`` and closes
+    it), or -1 for anonymous memory. A vhost-user front-end sends them in SET_MEM_TABLE."""
 
-    def __init__(self, gpa: int, mapping: mmap.mmap) -> None:
-        size = len(mapping)
+    __slots__ = ("gpa", "size", "mapping", "offset", "host_addr", "slot", "fd", "file_offset", "_view")
+
+    def __init__(self, gpa: int, mapping: mmap.mmap, *, offset: int = 0, size: int | None = None,
+                 fd: int = -1, file_offset: int = 0) -> None:
+        if size is None:
+            size = len(mapping) - offset
+        if offset < 0 or size < 0 or offset + size > len(mapping):
+            raise GuestMemoryError(f"region window [{offset:#x}, +{size:#x}) is outside its "
+                                   f"{len(mapping):#x}-byte mapping")
         if gpa < 0 or size == 0 or gpa + size > GPA_LIMIT:
             raise GuestMemoryError(f"region [{gpa:#x}, +{size:#x}) is empty or outside 64 bits")
         self.gpa = gpa
         self.size = size
         self.mapping = mapping
-        self.host_addr = _host_address(mapping)   # userspace address, for KVM_SET_USER_MEMORY_REGION
+        self.offset = offset
+        # userspace address, for KVM_SET_USER_MEMORY_REGION and vhost-user's ring addresses
+        self.host_addr = _host_address(mapping) + offset
         self.slot = 0
-        self._view: memoryview | None = memoryview(mapping)
+        self.fd = fd
+        self.file_offset = file_offset
+        self._view: memoryview | None = memoryview(mapping)[offset:offset + size]
+
+    @classmethod
+    def backed(cls, gpa: int, made: mmap.mmap | FileMapping) -> MemoryRegion:
+        """A region from what a ``Backing`` returned."""
+        if isinstance(made, FileMapping):
+            return cls(gpa, made.mapping, fd=made.fd, file_offset=made.offset)
+        return cls(gpa, made)
+
+    @property
+    def shareable(self) -> bool:
+        """True if another process can map this region's pages (it has a file behind it)."""
+        return self.fd >= 0
 
     @property
     def end(self) -> int:
@@ -146,6 +208,9 @@ class MemoryRegion:
         if self._view is not None:
             self._view.release()
             self._view = None
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
         try:
             self.mapping.close()
         except BufferError:
@@ -184,7 +249,7 @@ class GuestMemory:
         try:
             for gpa, size in ranges:
                 _check_pages(gpa, size)         # before mapping anything for it
-                regions.append(MemoryRegion(gpa, backing(size)))
+                regions.append(MemoryRegion.backed(gpa, backing(size)))
         except BaseException:
             for r in regions:
                 r.close()
@@ -208,8 +273,16 @@ class GuestMemory:
                     raise GuestMemoryError(
                         f"guest access [{gpa:#x}, {gpa + length:#x}) leaves RAM region "
                         f"[{r.gpa:#x}, {r.end:#x})")
+                if r._view is None:
+                    raise GuestMemoryError("guest memory is closed")
                 return r, off
         raise GuestMemoryError(f"guest address {gpa:#x} (length {length}) is not in RAM")
+
+    def host_address(self, gpa: int, length: int) -> int:
+        """This process's address of [gpa, gpa + length), which must lie inside one region: what a
+        vhost-user front-end puts into SET_VRING_ADDR (ring addresses are front-end user addresses)."""
+        r, off = self._locate(gpa, length)
+        return r.host_addr + off
 
     def contains(self, gpa: int, length: int = 1) -> bool:
         """True if [gpa, gpa+length) lies inside one RAM region."""
@@ -218,6 +291,11 @@ class GuestMemory:
         except GuestMemoryError:
             return False
         return True
+
+    @property
+    def shareable(self) -> bool:
+        """True if every region has a file another process can map (vhost-user needs that)."""
+        return all(r.shareable for r in self.regions)
 
     def ram_ranges(self) -> list[tuple[int, int]]:
         """(gpa, size) of every RAM region, for the e820 map."""
@@ -234,8 +312,7 @@ class GuestMemory:
         if length == 0 and gpa >= 0:
             return memoryview(b"")  # an empty range lies inside anything
         r, off = self._locate(gpa, length)
-        assert r._view is not None, "guest memory is closed"
-        return r._view[off:off + length]
+        return r._view[off:off + length]  # type: ignore[index]
 
     def read(self, gpa: int, length: int) -> bytes:
         return bytes(self.view(gpa, length))
@@ -250,17 +327,16 @@ class GuestMemory:
                 raise GuestMemoryError(f"invalid guest address {gpa:#x}")
             return
         r, off = self._locate(gpa, n)
-        assert r._view is not None, "guest memory is closed"
-        r._view[off:off + n] = src
+        r._view[off:off + n] = src  # type: ignore[index]
 
     def _unpack(self, s: struct.Struct, gpa: int) -> int:
         r, off = self._locate(gpa, s.size)
-        return s.unpack_from(r.mapping, off)[0]
+        return s.unpack_from(r._view, off)[0]  # type: ignore[arg-type]
 
     def _pack(self, s: struct.Struct, gpa: int, value: int) -> None:
         r, off = self._locate(gpa, s.size)
         try:
-            s.pack_into(r.mapping, off, value)
+            s.pack_into(r._view, off, value)  # type: ignore[arg-type]
         except struct.error as e:
             raise GuestMemoryError(f"value {value!r} does not fit in {s.size} bytes") from e
 

@@ -252,3 +252,52 @@ def test_a_region_need_not_be_page_sized_but_vm_ram_must():
         assert m.read(0x3C, 4) == b"abcd" and not m.contains(0x3D, 4) and not m.contains(0xC, 8)
     with pytest.raises(GuestMemoryError):
         MemoryRegion((1 << 64) - 0x10, mmap.mmap(-1, 0x20))
+
+
+def test_map_memfd_regions_are_shareable_and_sealed():
+    """RAM for a VM with a vhost-user device: each region keeps its memfd, which another process
+    maps to see the same pages; the file cannot be resized under that peer."""
+    import fcntl
+
+    from devices.memory import map_memfd
+
+    m = GuestMemory.from_ranges([(0, 0x4000), (0x100000, 0x2000)], backing=map_memfd)
+    try:
+        assert m.shareable and all(r.fd >= 0 and r.file_offset == 0 for r in m.regions)
+        r1 = m.regions[1]
+        peer = mmap.mmap(r1.fd, r1.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        m.write(0x100010, b"guest")
+        assert peer[0x10:0x15] == b"guest"
+        peer[0x20:0x24] = b"peer"
+        assert m.read(0x100020, 4) == b"peer"
+        peer.close()
+        with pytest.raises(OSError):
+            os.ftruncate(r1.fd, 0x1000)
+        with pytest.raises(OSError):
+            os.ftruncate(r1.fd, 0x8000)
+        seals = fcntl.fcntl(r1.fd, getattr(fcntl, "F_GET_SEALS", 1034))
+        assert seals & getattr(fcntl, "F_SEAL_SHRINK", 2)
+        fds = [r.fd for r in m.regions]
+    finally:
+        m.close()
+    for fd in fds:                                    # the regions owned their fds
+        with pytest.raises(OSError):
+            os.fstat(fd)
+    with pytest.raises(GuestMemoryError, match="closed"):
+        m.read(0, 1)
+
+
+def test_anonymous_ram_is_not_shareable(mem):
+    assert not mem.shareable and all(r.fd == -1 for r in mem.regions)
+
+
+def test_region_window_of_a_mapping():
+    """A peer's region at an unaligned file offset: mapped from the page below, with a window."""
+    mm = mmap.mmap(-1, 0x2000)
+    mm[0x123:0x128] = b"hello"
+    r = MemoryRegion(0x5000, mm, offset=0x123, size=0x1000)
+    with GuestMemory([r]) as m:
+        assert m.read(0x5000, 5) == b"hello" and m.regions[0].size == 0x1000
+        assert not m.contains(0x5FFF, 2)
+    with pytest.raises(GuestMemoryError, match="outside"):
+        MemoryRegion(0, mmap.mmap(-1, 0x1000), offset=0x800, size=0x1000)

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from .config import (ConfigError, exec_to_script, load_config, parse_fs_option_items,
-                     parse_shared_dir, with_overrides)
+                     parse_shared_dir, parse_vhost_user_fs, with_overrides)
 
 log = logging.getLogger("vmm")
 
@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                "  python -m vmm run configs/default.yaml --shared-dir /srv/data:data:"
                "negative_timeout=60 \\\n"
                "      --exec 'stat /mnt/data/missing x100 expect=ENOENT' --metrics m.json\n"
+               "  python -m vmm run configs/default.yaml --vhost-user-fs /tmp/fs.sock:share \\\n"
+               "      --exec 'readdir /mnt/share'   # back-end: python -m vmm device fs, or virtiofsd\n"
                "agent ops: guest/README.md; config keys: README.md (Configuration)")
     run.add_argument("config", help="YAML VM config (see configs/)")
     script = run.add_mutually_exclusive_group()
@@ -56,7 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--shared-dir", action="append", default=[], metavar="PATH:TAG[:k=v...]",
                      help="add a virtio-fs share (crosvm syntax; keys: cache, timeout, "
                           "negative_timeout, writeback, num_request_queues, trace, trace_path, "
+                          "allow_setid, allow_mknod, xattr_policy, allow_selinux_xattr, "
                           "max_inodes, max_handles, readdir_buffer, max_write)")
+    run.add_argument("--vhost-user-fs", action="append", default=[],
+                     metavar="SOCKET:TAG[:num_request_queues=N]",
+                     help="add a virtio-fs device served by a vhost-user back-end on SOCKET "
+                          "(`python -m vmm device fs` or virtiofsd)")
     run.add_argument("--metrics", type=Path, metavar="FILE", help="write device counters as JSON on exit")
     run.add_argument("--control", metavar="PATH", help="open a control socket (stats/reset/stop)")
 
@@ -124,6 +131,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--script: {args.script} does not exist")
         script = args.script.read_text()
     shares = [parse_shared_dir(s) for s in args.shared_dir]
+    shares += [parse_vhost_user_fs(s) for s in args.vhost_user_fs]
     config = with_overrides(config, vcpus=args.vcpus, memory_mib=args.memory, script=script,
                             shared_dirs=shares, kernel=args.kernel, cmdline=args.cmdline,
                             discovery=args.discovery)

@@ -16,6 +16,7 @@ from typing import Any, Callable
 import yaml
 
 from devices.virtio.fs.options import LIMIT_RANGES, XATTR_POLICIES, FsOptions, check_seconds
+from devices.virtio.vhost_user.frontend import VhostUserFsOptions
 
 DISCOVERY_MODES = ("cmdline", "acpi", "both")
 MAX_VCPUS = 8
@@ -63,8 +64,13 @@ class Config:
     kernel: KernelConfig = field(default_factory=KernelConfig)
     guest: GuestConfig = field(default_factory=GuestConfig)
     serial: SerialConfig = field(default_factory=SerialConfig)
-    devices: tuple[FsOptions, ...] = ()
+    # `type: fs` shares served in this process, `type: vhost-user-fs` devices served by a back-end
+    devices: tuple[FsOptions | VhostUserFsOptions, ...] = ()
     source: str = "<defaults>"         # where this config came from, for messages
+
+    @property
+    def uses_vhost_user(self) -> bool:
+        return any(isinstance(d, VhostUserFsOptions) for d in self.devices)
 
 
 # --------------------------------------------------------------------------------------------
@@ -241,7 +247,58 @@ def _parse_fs_device(section: _Section, base: Path) -> FsOptions:
     return fs_options(values, section.error, base)
 
 
-def _check_devices(devices: list[FsOptions], source: str) -> None:
+def _parse_vhost_user_fs_device(section: _Section, base: Path) -> VhostUserFsOptions:
+    """`type: vhost-user-fs`: a virtio-fs device whose back-end is another process."""
+    sock = section.take("socket", str, None)
+    if sock is None:
+        raise section.error("socket", "is required (the back-end's vhost-user socket)")
+    tag = section.take("tag", str, None)
+    if tag is None:
+        raise section.error("tag", "is required (the name the guest mounts)")
+    queues = section.take_int("num_request_queues", 1, 1, 64)
+    section.take("type", str, "vhost-user-fs")
+    section.finish()
+    return vhost_user_fs_options(sock, tag, queues, base, section.error)
+
+
+def vhost_user_fs_options(sock: str, tag: str, queues: int, base: Path,
+                          error: Callable[[str, str], Exception]) -> VhostUserFsOptions:
+    """The socket path resolved against `base` (it need not exist yet: the back-end may start
+    after the config is read; a missing one is reported, naming it, when the VM is assembled)."""
+    path = Path(os.path.expanduser(sock))
+    if not path.is_absolute():
+        path = base / path
+    try:
+        return VhostUserFsOptions(socket=str(path), tag=tag, num_request_queues=queues)
+    except ValueError as exc:
+        raise error(_field_of(exc, {"socket": 0, "tag": 0, "num_request_queues": 0}), str(exc)) from None
+
+
+def parse_vhost_user_fs(spec: str, base: Path | None = None) -> VhostUserFsOptions:
+    """`--vhost-user-fs SOCKET:TAG[:num_request_queues=N]`."""
+    where = f"--vhost-user-fs {spec}"
+    parts = spec.split(":")
+    if len(parts) < 2 or not parts[0] or not parts[1]:
+        raise ConfigError(f"{where}: expected SOCKET:TAG[:num_request_queues=N]")
+
+    def error(key: str, message: str) -> ConfigError:
+        return ConfigError(f"{where}: {key}: {message}")
+
+    queues = 1
+    for item in parts[2:]:
+        key, sep, raw = item.partition("=")
+        if key != "num_request_queues" or not sep:
+            raise error(key, "unknown option (known: num_request_queues)")
+        if not raw.isdigit() or not 1 <= int(raw) <= 64:
+            raise error(key, f"expected an integer between 1 and 64, got {raw!r}")
+        queues = int(raw)
+    return vhost_user_fs_options(parts[0], parts[1], queues, base or Path.cwd(), error)
+
+
+DEVICE_TYPES = ("fs", "vhost-user-fs")
+
+
+def _check_devices(devices: list[FsOptions | VhostUserFsOptions], source: str) -> None:
     seen: set[str] = set()
     for dev in devices:
         if dev.tag in seen:
@@ -292,9 +349,13 @@ def parse_config(data: Any, source: str, base: Path) -> Config:
     for i, raw in enumerate(raw_devices):
         dev = _Section(raw, f"devices[{i}]", source)
         kind = dev.data.get("type")
-        if kind != "fs":
-            raise dev.error("type", f"unknown device type {kind!r} (supported: fs)")
-        devices.append(_parse_fs_device(dev, base))
+        if kind == "fs":
+            devices.append(_parse_fs_device(dev, base))
+        elif kind == "vhost-user-fs":
+            devices.append(_parse_vhost_user_fs_device(dev, base))
+        else:
+            raise dev.error("type", f"unknown device type {kind!r} (supported: "
+                                    f"{', '.join(DEVICE_TYPES)})")
     _check_devices(devices, source)
     top.finish()
     return Config(vm=vm_cfg, kernel=kernel_cfg, guest=guest_cfg, serial=serial_cfg,
@@ -388,7 +449,8 @@ def parse_fs_option_items(where: str, source: str, tag: str, items: list[str],
 
 
 def with_overrides(config: Config, *, vcpus: int | None = None, memory_mib: int | None = None,
-                   script: str | None = None, shared_dirs: list[FsOptions] | None = None,
+                   script: str | None = None,
+                   shared_dirs: list[FsOptions | VhostUserFsOptions] | None = None,
                    kernel: str | None = None, cmdline: str | None = None,
                    discovery: str | None = None) -> Config:
     """Apply command-line overrides, validating them like config values."""

@@ -21,6 +21,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from devices.virtio.fs.options import FsOptions
+
 from .config import ConfigError, load_config, parse_shared_dir
 from .errors import EXIT_FAILURE
 
@@ -50,9 +52,9 @@ def fs_options(shared_dir: str | None, config: Path | None):
         return parse_shared_dir(shared_dir)
     assert config is not None
     cfg = load_config(config)
-    if len(cfg.devices) != 1:
-        raise ConfigError(f"{config}: devices: a back-end serves exactly one fs device, "
-                          f"found {len(cfg.devices)}")
+    if len(cfg.devices) != 1 or not isinstance(cfg.devices[0], FsOptions):
+        raise ConfigError(f"{config}: devices: a back-end serves exactly one `type: fs` device, "
+                          f"found {len(cfg.devices)} device(s)")
     return cfg.devices[0]
 
 

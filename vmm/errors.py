@@ -19,6 +19,9 @@ def user_error(exc: BaseException) -> tuple[str, int] | None:
     except ImportError:        # pragma: no cover - the builder is optional at import time
         BuildError = ()        # type: ignore[assignment]
 
+    from devices.virtio.vhost_user.frontend import VhostUserFrontendError
+    if isinstance(exc, VhostUserFrontendError):  # missing, refusing or broken back-end
+        return str(exc), EXIT_FAILURE
     if isinstance(exc, BootError):     # a kernel we cannot load is a configuration problem
         return f"cannot load the kernel: {exc}", EXIT_USAGE
     if BuildError and isinstance(exc, BuildError):

@@ -2,7 +2,8 @@
 
 The README documents these numbers; scripts and the e2e tests depend on them. The agent's own
 status (``exit N`` in the guest script) wins unless the run ended in a way that makes it meaningless
-(a kernel panic, an emulation failure, a timeout or a signal from outside).
+(a kernel panic, an emulation failure, a timeout, a device back-end that went away, or a signal
+from outside).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ EXIT_GUEST_PANIC = 110
 EXIT_EMULATION_FAILURE = 111
 EXIT_NO_STATUS = 112          # the guest stopped without an agent exit status
 EXIT_VCPU_ERROR = 113
+EXIT_DEVICE_LOST = 114        # a device's back-end process (vhost-user) went away mid-run
 EXIT_TIMEOUT = 124            # guest.timeout, as timeout(1)
 EXIT_SIGINT = 130             # 128 + the signal, as a shell reports it
 EXIT_SIGTERM = 143
@@ -37,6 +39,8 @@ def run_exit_status(stop: Stop, parser: ConsoleParser) -> tuple[int, str]:
         return EXIT_EMULATION_FAILURE, f"{stop.reason.value}: {stop.detail}"
     if stop.reason is StopReason.TIMEOUT:
         return EXIT_TIMEOUT, f"guest {stop.reason.value}: {stop.detail}"
+    if stop.reason is StopReason.DEVICE_LOST:
+        return EXIT_DEVICE_LOST, stop.detail
     if stop.reason is StopReason.SIGNAL:
         return (EXIT_SIGTERM if stop.detail == "SIGTERM" else EXIT_SIGINT,
                 f"{stop.reason.value} ({stop.detail})")

@@ -24,8 +24,11 @@ from typing import BinaryIO, Callable
 from devices.acpi_pm import AcpiPmDevice
 from devices.i8042 import I8042
 from devices.serial import Serial
+from devices.virtio.device import VirtioDevice
 from devices.virtio.fs.device import FsDevice
+from devices.virtio.fs.options import FsOptions
 from devices.virtio.mmio import VIRTIO_MMIO_QUEUE_NOTIFY, MmioTransport
+from devices.virtio.vhost_user.frontend import VhostUserFsFrontend, VhostUserFsOptions
 from kvm_sys import Kvm, Vm
 from kvm_sys import bindings as kb
 from guest.initramfs import build_initramfs
@@ -108,7 +111,7 @@ class Machine:
         self._stop: Stop | None = None
         self._stop_event = threading.Event()
         self.stopping = threading.Event()
-        self.fs_devices: list[FsDevice] = []
+        self.fs_devices: list[FsDevice | VhostUserFsFrontend] = []
         self.serial: Serial | None = None   # COM1, once built (its input counters are reported)
         self.vcpu_report = ""
         self.cmdline = ""
@@ -195,7 +198,8 @@ class Machine:
         vm.create_irqchip()
         vm.create_pit2(kb.KVM_PIT_SPEAKER_DUMMY)
 
-        memory = guest_ram(cfg.vm.memory_mib << 20)
+        # RAM is a shareable memfd only when a vhost-user back-end must map it (see guest_ram).
+        memory = guest_ram(cfg.vm.memory_mib << 20, shared=cfg.uses_vhost_user)
         stack.callback(memory.close)
         memory.register(vm)
 
@@ -280,7 +284,7 @@ class Machine:
             stack.callback(os.close, irq_fd)
             vm.irqfd(irq_fd, gsi)
             stack.callback(vm.irqfd, irq_fd, gsi, deassign=True)
-            device = FsDevice(options)
+            device = self._make_fs_device(stack, options, memory)
             transport = MmioTransport(device, memory, irq_fd)
             stack.callback(transport.close)
             for q, efd in enumerate(transport.queue_events):
@@ -291,6 +295,22 @@ class Machine:
             self.fs_devices.append(device)
             announced.append((base, gsi))
         return announced
+
+    def _make_fs_device(self, stack: contextlib.ExitStack, options: FsOptions | VhostUserFsOptions,
+                        memory: GuestMemory) -> VirtioDevice:
+        """A virtio-fs device served here (`type: fs`), or a front-end for a back-end process
+        (`type: vhost-user-fs`: connects and negotiates now, so a missing or refusing back-end
+        ends the run before the guest starts, with one line naming its socket)."""
+        if isinstance(options, FsOptions):
+            return FsDevice(options)
+        device = VhostUserFsFrontend(options, memory, on_lost=self._backend_lost)
+        stack.callback(device.close)   # also if the transport cannot be made (close is idempotent)
+        return device
+
+    def _backend_lost(self, message: str) -> None:
+        """A vhost-user back-end went away mid-run (its monitor thread calls this): the guest's
+        device is dead for good, so the run ends with the message and EXIT_DEVICE_LOST."""
+        self.request_stop(Stop(StopReason.DEVICE_LOST, message))
 
     def _add_acpi(self, memory: GuestMemory, pio: Bus, announced: list[tuple[int, int]]) -> int | None:
         if not self.uses_acpi():

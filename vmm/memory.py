@@ -9,12 +9,12 @@ the VMM uses.
 from __future__ import annotations
 
 from devices.memory import (PAGE_SIZE, Backing, GuestMemory, GuestMemoryError, MemoryRegion,
-                            map_anonymous)
+                            map_anonymous, map_memfd)
 
 from . import layout
 
 __all__ = ["Backing", "GuestMemory", "GuestMemoryError", "MemoryRegion", "PAGE_SIZE", "guest_ram",
-           "map_anonymous", "split_ram"]
+           "map_anonymous", "map_memfd", "split_ram"]
 
 
 def split_ram(size: int) -> list[tuple[int, int]]:
@@ -26,8 +26,15 @@ def split_ram(size: int) -> list[tuple[int, int]]:
     return pieces
 
 
-def guest_ram(size: int, backing: Backing = map_anonymous) -> GuestMemory:
-    """Guest RAM of ``size`` bytes (page multiple), split around the 32-bit MMIO hole."""
+def guest_ram(size: int, backing: Backing = map_anonymous, *, shared: bool = False) -> GuestMemory:
+    """Guest RAM of ``size`` bytes (page multiple), split around the 32-bit MMIO hole.
+
+    ``shared=True``: each region a sealed memfd mapped MAP_SHARED (``map_memfd``), which a
+    vhost-user back-end can map. The VMM asks for it only when a vhost-user device exists: private
+    anonymous RAM stays eligible for transparent huge pages and KSM (shmem is not, by default),
+    and no descriptor that opens the whole of guest RAM exists unless a peer needs one."""
+    if shared:
+        backing = map_memfd
     if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
         raise GuestMemoryError(f"guest memory size must be a positive integer, got {size!r}")
     if size % PAGE_SIZE:

@@ -54,36 +54,54 @@ def process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
-class BackendProcess:
-    """`python -m vmm device fs` as a child process, with its socket and control socket in `workdir`.
+def thread_cpu_seconds_by_name(pid: int, comm: str) -> float | None:
+    """CPU seconds of the thread of process `pid` whose OS name (/proc/PID/task/TID/comm) is
+    `comm`, from its schedstat (ns, run time on the CPU); None if there is no such thread."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                if f.read().rstrip("\n") != comm:
+                    continue
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                return int(f.read().split()[0]) / 1e9
+        except (OSError, ValueError, IndexError):
+            continue
+    return None
 
-    `spec` is a `--shared-dir` value (PATH:TAG[:key=value...]); it is parsed here too (same code as
-    the child) so the guest side knows the tag.
-    """
 
-    def __init__(self, spec: str, workdir: Path, name: str | None = None, *, once: bool = False,
-                 verbose: bool = False) -> None:
-        self.spec = spec
-        self.options: FsOptions = parse_shared_dir(spec)
-        name = name or self.options.tag
-        self.socket = workdir / f"{name}.sock"
-        self.control = workdir / f"{name}-ctl.sock"
-        self.log_path = workdir / f"{name}-backend.log"
-        self.once = once
-        self.verbose = verbose
+class _ServerProcess:
+    """A vhost-user back-end child process listening on `self.socket` (in `workdir`)."""
+
+    socket: Path
+    log_path: Path
+    options: FsOptions
+
+    def __init__(self) -> None:
         self.proc: subprocess.Popen | None = None
+        self._log = None
 
-    def start(self, timeout: float = 30.0) -> BackendProcess:
-        args = [sys.executable, "-m", "vmm"] + (["-vv"] if self.verbose else ["-v"]) + [
-            "device", "fs", "--socket", str(self.socket), "--shared-dir", self.spec,
-            "--control", str(self.control)] + (["--once"] if self.once else [])
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def _ready(self) -> bool:
+        return self.socket.exists()
+
+    def start(self, timeout: float = 30.0):
+        for stale in (self.socket,):
+            if stale.exists():
+                stale.unlink()
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-                                     cwd=Path(__file__).resolve().parent.parent)
+        self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=self._log,
+                                     stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parent.parent)
         deadline = time.monotonic() + timeout
-        while not (self.socket.exists() and self.control.exists()):
+        while not self._ready():
             if self.proc.poll() is not None:
-                raise RuntimeError(f"back-end exited with {self.proc.returncode}: {self.log_tail()}")
+                raise RuntimeError(f"{self.command()[0]} exited with {self.proc.returncode}: "
+                                   f"{self.log_tail()}")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"back-end socket {self.socket} did not appear: {self.log_tail()}")
             time.sleep(0.05)
@@ -95,15 +113,14 @@ class BackendProcess:
         except OSError:
             return ""
 
-    def stats(self) -> dict:
-        """The back-end's counters (the device's `fs:TAG` entry) over its control socket."""
-        from .control import request
-        reply = request(str(self.control), "stats")
-        return reply["devices"][f"fs:{self.options.tag}"]
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
 
     def cpu_seconds(self) -> float:
-        assert self.proc is not None
-        return process_cpu_seconds(self.proc.pid)
+        """utime + stime of the whole back-end process (every thread)."""
+        return process_cpu_seconds(self.pid)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -118,14 +135,132 @@ class BackendProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        self._log.close()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
         return self.proc.returncode
 
-    def __enter__(self) -> BackendProcess:
+    def __enter__(self):
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class BackendProcess(_ServerProcess):
+    """`python -m vmm device fs` as a child process, with its socket and control socket in `workdir`.
+
+    `share` is a `--shared-dir` value (PATH:TAG[:key=value...]), parsed here too (same code as the
+    child) so the guest side knows the tag, or `FsOptions`, handed to the child as a one-device
+    config file (so every option reaches it with its type).
+    """
+
+    def __init__(self, share: str | FsOptions, workdir: Path, name: str | None = None, *,
+                 once: bool = False, verbose: bool = False) -> None:
+        super().__init__()
+        if isinstance(share, FsOptions):
+            self.spec: str | None = None
+            self.options = share
+        else:
+            self.spec = share
+            self.options = parse_shared_dir(share)
+        name = name or self.options.tag
+        self.socket = workdir / f"{name}.sock"
+        self.control = workdir / f"{name}-ctl.sock"
+        self.config_path = workdir / f"{name}-backend.yaml"
+        self.log_path = workdir / f"{name}-backend.log"
+        self.once = once
+        self.verbose = verbose
+
+    def command(self) -> list[str]:
+        if self.spec is not None:
+            share = ["--shared-dir", self.spec]
+        else:
+            self.config_path.write_text(fs_device_yaml(self.options))
+            share = ["--config", str(self.config_path)]
+        return [sys.executable, "-m", "vmm"] + (["-vv"] if self.verbose else ["-v"]) + [
+            "device", "fs", "--socket", str(self.socket), *share,
+            "--control", str(self.control)] + (["--once"] if self.once else [])
+
+    def _ready(self) -> bool:
+        return self.socket.exists() and self.control.exists()
+
+    def start(self, timeout: float = 30.0) -> BackendProcess:
+        if self.control.exists():
+            self.control.unlink()
+        return super().start(timeout)
+
+    def stats(self) -> dict:
+        """The back-end's counters (the device's `fs:TAG` entry) over its control socket."""
+        from .control import request
+        reply = request(str(self.control), "stats")
+        return reply["devices"][f"fs:{self.options.tag}"]
+
+    def worker_cpu_seconds(self) -> float | None:
+        """CPU seconds of the device's queue worker thread (named pyvmm-fs-TAG), if running."""
+        from devices.virtio.fs.worker import os_thread_name
+        return thread_cpu_seconds_by_name(self.pid, os_thread_name(self.options.tag))
+
+
+def fs_device_yaml(options: FsOptions) -> str:
+    """A config file with `options` as its one `type: fs` device (fields left at their default
+    are left out, so the file stays readable and parses with the same rules as a user's)."""
+    import dataclasses
+
+    import yaml
+
+    device: dict = {"type": "fs"}
+    for f in dataclasses.fields(options):
+        value = getattr(options, f.name)
+        if f.name in ("source", "tag") or f.default is dataclasses.MISSING or value != f.default:
+            device[f.name] = value
+    return yaml.safe_dump({"devices": [device]}, sort_keys=False)
+
+
+VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
+#: Our cache modes in virtiofsd's words.
+VIRTIOFSD_CACHE = {"never": "none", "auto": "auto", "always": "always"}
+
+
+class VirtiofsdProcess(_ServerProcess):
+    """C virtiofsd (QEMU 7.2's, `/usr/lib/qemu/virtiofsd`) serving `options.source` on a socket in
+    `workdir`: the reference back-end. It runs as root in its own namespace sandbox, serves one
+    front-end and exits when that one hangs up. Options it has no equivalent for (negative_timeout,
+    trace) are refused rather than silently dropped; xattrs are on, as they are in our passthrough.
+    `debug=True` adds `-d` (one log line per request: a census, but it costs CPU per request)."""
+
+    def __init__(self, options: FsOptions, workdir: Path, name: str | None = None, *,
+                 debug: bool = False, binary: str = VIRTIOFSD) -> None:
+        super().__init__()
+        unsupported = [k for k in ("negative_timeout", "trace") if getattr(options, k)]
+        if unsupported:
+            raise ValueError(f"C virtiofsd has no equivalent of {', '.join(unsupported)}")
+        self.options = options
+        name = name or options.tag
+        self.socket = workdir / f"{name}-virtiofsd.sock"
+        self.log_path = workdir / f"{name}-virtiofsd.log"
+        self.debug = debug
+        self.binary = binary
+
+    def command(self) -> list[str]:
+        o = self.options
+        cmd = [self.binary, f"--socket-path={self.socket}", "-o", f"source={o.source}",
+               "-o", f"cache={VIRTIOFSD_CACHE[o.cache]}", "-o", "xattr"]
+        if o.cache != "never":
+            cmd += ["-o", f"timeout={o.timeout:g}"]
+        if o.writeback:
+            cmd += ["-o", "writeback"]
+        if self.debug:
+            cmd.append("-d")
+        return cmd
+
+    def request_census(self) -> dict[str, int]:
+        """Requests per opcode from a `-d` log (`opcode: NAME ...` lines), e.g. {"LOOKUP": 12}."""
+        import re
+        counts: dict[str, int] = {}
+        for m in re.finditer(r"opcode: (\w+)", self.log_path.read_text(errors="replace")):
+            counts[m.group(1)] = counts.get(m.group(1), 0) + 1
+        return counts
 
 
 def guest_files(script: str, shares: Sequence[FsOptions], workdir: Path,

@@ -41,20 +41,34 @@ NO_KVM = ("/dev/kvm is absent: guest tests NOT RUN on this machine (they need KV
 CONSOLE_TAIL_LINES = 120
 
 
+#: How a share reaches the guest: the device in the VMM process (``mmio``), our device as a
+#: separate back-end process over vhost-user (``vhost-user``: ``python -m vmm device fs``), or C
+#: virtiofsd over vhost-user (``virtiofsd``: the reference server; it keeps no request counters).
+TRANSPORTS = ("mmio", "vhost-user", "virtiofsd")
+
+
 class Share:
     """A host directory shared with the guest at ``/mnt/<tag>``, with virtio-fs device options
     (the keys of a ``type: fs`` device: negative_timeout, timeout, cache, writeback, ...).
-    Options are checked at once: a bad one raises ValueError naming it."""
+    Options are checked at once: a bad one raises ValueError naming it.
 
-    def __init__(self, path: str | os.PathLike[str], tag: str = "share", **options: Any) -> None:
+    ``transport`` (one of ``TRANSPORTS``; None: the run's default, ``mmio`` unless
+    ``guest.run(transport=...)`` says otherwise) picks who serves it; for the back-end transports
+    the runner starts the process before the boot and stops it after."""
+
+    def __init__(self, path: str | os.PathLike[str], tag: str = "share", *,
+                 transport: str | None = None, **options: Any) -> None:
         from devices.virtio.fs.options import FsOptions
 
+        if transport is not None and transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, got {transport!r}")
         self.path = Path(path)
         self.tag = tag
+        self.transport = transport
         self.options = FsOptions(source=str(self.path), tag=tag, **options)
 
     def __repr__(self) -> str:
-        return f"Share({str(self.path)!r}, {self.tag!r})"
+        return f"Share({str(self.path)!r}, {self.tag!r}, transport={self.transport!r})"
 
 
 @dataclass(frozen=True)
@@ -141,11 +155,16 @@ class GuestResult:
         return self.run_result.console
 
     def device(self, tag: str) -> DeviceStats:
+        """What the device serving ``tag`` counted (for a ``vhost-user`` share: the back-end
+        process's counters, read over its control socket before it was stopped)."""
         try:
-            return DeviceStats(tag, self.run_result.metrics[f"fs:{tag}"])
+            raw = self.run_result.metrics[f"fs:{tag}"]
         except KeyError:
             known = sorted(k[3:] for k in self.run_result.metrics if k.startswith("fs:"))
             raise KeyError(f"no shared directory tagged {tag!r} in this run (tags: {known})")
+        if "ops" not in raw:
+            raise KeyError(f"the server of share {tag!r} keeps no request counters (C virtiofsd)")
+        return DeviceStats(tag, raw)
 
     def check(self) -> "GuestResult":
         """Raise AssertionError (with the console tail) unless the script ran to exit 0 with
@@ -174,21 +193,82 @@ class GuestRunner:
     def run(self, script: str, *, shares: Iterable[Share | Any] = (), vcpus: int = 1,
             memory_mib: int = 128, timeout: float = 600, discovery: str = "cmdline",
             cmdline: str = "", control_path: str | None = None,
-            on_line: Callable[[bytes], None] | None = None) -> GuestResult:
+            on_line: Callable[[bytes], None] | None = None,
+            transport: str = "mmio") -> GuestResult:
         """Boot, run ``script`` (agent ops, one per line or separated by ';'), return the result.
 
         Each share is mounted at ``/mnt/<tag>`` before the script runs. ``shares`` takes
         :class:`Share` objects (or ``FsOptions``). ``on_line`` sees every console line as it
-        arrives (tests use it to act on the host at a precise point of the script)."""
+        arrives (tests use it to act on the host at a precise point of the script).
+        ``transport`` is the default for shares that do not name one (see ``TRANSPORTS``)."""
+        import contextlib
+
         from vmm.runner import guest_config, run_guest
 
-        devices = tuple(s.options if isinstance(s, Share) else s for s in shares)
-        config = guest_config(script, devices, kernel=self.kernel, vcpus=vcpus,
-                              memory_mib=memory_mib, timeout=timeout, discovery=discovery,
-                              cmdline=cmdline)
-        run, output = run_guest(config, control_path=control_path, on_line=on_line)
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, got {transport!r}")
+        with contextlib.ExitStack() as stack:
+            servers = _BackendServers(stack)
+            devices = tuple(servers.device_for(s.options if isinstance(s, Share) else s,
+                                               (s.transport if isinstance(s, Share) else None)
+                                               or transport)
+                            for s in shares)
+            config = guest_config(script, devices, kernel=self.kernel, vcpus=vcpus,
+                                  memory_mib=memory_mib, timeout=timeout, discovery=discovery,
+                                  cmdline=cmdline)
+            run, output = run_guest(config, control_path=control_path, on_line=on_line)
+            servers.collect(run.metrics)
         self.last = GuestResult(run, output)
         return self.last
+
+
+class _BackendServers:
+    """The back-end processes of one run's vhost-user shares: started before the boot, their
+    counters read into the run's metrics after it, stopped (SIGTERM, status checked) at the end."""
+
+    def __init__(self, stack: Any) -> None:
+        import shutil
+        import tempfile
+
+        self.stack = stack
+        # Short paths: a Unix socket path has at most 107 bytes, pytest's tmp_path can be longer.
+        self.workdir = Path(tempfile.mkdtemp(prefix="pyvmm-vu-"))
+        stack.callback(shutil.rmtree, self.workdir, True)
+        self.servers: list[Any] = []
+
+    def device_for(self, options: Any, transport: str) -> Any:
+        """The VM's device for a share: ``options`` itself (mmio) or a vhost-user-fs device on
+        the socket of a back-end started here."""
+        if transport == "mmio":
+            return options
+        from devices.virtio.vhost_user.frontend import VhostUserFsOptions
+        from vmm.qemu import BackendProcess, VirtiofsdProcess
+
+        if transport == "vhost-user":
+            server = BackendProcess(options, self.workdir)
+        else:
+            server = VirtiofsdProcess(options, self.workdir)
+        self.stack.callback(self._stop, server)
+        server.start()
+        self.servers.append(server)
+        return VhostUserFsOptions(socket=str(server.socket), tag=options.tag,
+                                  num_request_queues=options.num_request_queues)
+
+    def collect(self, metrics: dict[str, Any]) -> None:
+        """Put each live back-end's own counters under ``fs:TAG`` (beside the front-end's)."""
+        for server in self.servers:
+            stats = getattr(server, "stats", None)
+            if stats is None or not server.alive():
+                continue
+            key = f"fs:{server.options.tag}"
+            metrics[key] = {**stats(), **metrics.get(key, {})}
+
+    @staticmethod
+    def _stop(server: Any) -> None:
+        status = server.stop()
+        if getattr(server, "stats", None) is not None and status != 0:   # ours must end cleanly
+            raise AssertionError(f"back-end for {server.options.tag!r} exited with {status}:\n"
+                                 + server.log_tail())
 
 
 def _kvm_or_skip() -> None:

@@ -38,6 +38,7 @@ class StopReason(enum.Enum):
     SIGNAL = "stopped by signal"
     TIMEOUT = "timed out"
     CONTROL = "stopped through the control socket"
+    DEVICE_LOST = "a device back-end went away"
 
 
 @dataclass(frozen=True)

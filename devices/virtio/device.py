@@ -55,6 +55,10 @@ class VirtioDevice(ABC):
     device_type: int
     queue_max_sizes: list[int]
     config: bytes = b""
+    #: True for a device whose used-ring notifications never pass through the transport: a
+    #: vhost-user back-end writes the transport's irqfd itself (its call fd). The transport then
+    #: reports the VRING bit in InterruptStatus whenever the device is active (see mmio.py).
+    signals_rings_directly: bool = False
 
     def __init__(self) -> None:
         self.acked_features = 0

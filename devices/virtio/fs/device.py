@@ -26,7 +26,7 @@ from typing import Callable
 from devices.memory import GuestMemoryAccess
 from devices.virtio.device import BASE_FEATURES, VIRTIO_ID_FS, VirtioDevice
 from devices.virtio.fs.options import DEFAULT_MAX_WRITE, FS_MAX_TAG_LEN, FsOptions
-from devices.virtio.fs.worker import FsWorker, WorkerCounters
+from devices.virtio.fs.worker import FsWorker, WorkerCounters, os_thread_name
 from devices.virtio.interrupt import Interrupt
 from devices.virtio.queue import Queue
 from fuse.logthrottle import LogThrottle
@@ -125,7 +125,8 @@ class FsDevice(VirtioDevice):
                                    "until that host call returns")
             self._stuck = None
         worker = FsWorker(f"virtio-fs:{self.options.tag}", self.server, interrupt, queues,
-                          queue_events, self.counters, self._worker_log)
+                          queue_events, self.counters, self._worker_log,
+                          os_name=os_thread_name(self.options.tag))
         worker.start()
         self._worker = worker
         logger.debug("virtio-fs %s: active with queue sizes %s", self.options.tag,

@@ -15,6 +15,23 @@ from dataclasses import dataclass
 #: Maximum length of the virtio-fs tag in bytes (virtio_fs_config.tag[36]).
 FS_MAX_TAG_LEN = 36
 
+
+def check_tag(tag: object) -> None:
+    """The virtio-fs tag rule (ValueError otherwise): it is copied into virtio_fs_config.tag[36] and
+    the guest mounts by it. Shared by FsOptions and the vhost-user-fs front-end's options."""
+    if not isinstance(tag, str):
+        raise ValueError(f"tag must be a string, got {tag!r}")
+    try:
+        tag_bytes = tag.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"tag must be valid UTF-8: {exc}") from None
+    if not 1 <= len(tag_bytes) <= FS_MAX_TAG_LEN:
+        raise ValueError(
+            f"tag must be 1..{FS_MAX_TAG_LEN} bytes of UTF-8, got {len(tag_bytes)} bytes")
+    if "\0" in tag:
+        # The guest reads the tag up to the first NUL; an embedded one silently truncates it.
+        raise ValueError("tag must not contain NUL characters")
+
 #: Accepted cache policies (same meaning as crosvm's ``cache=``).
 CACHE_POLICIES = ("never", "auto", "always")
 
@@ -121,19 +138,7 @@ class FsOptions:
             raise ValueError(f"source {self.source!r} is not an existing directory")
         object.__setattr__(self, "source", source)
 
-        # tag: it is copied into virtio_fs_config.tag[36]; the guest mounts by it.
-        if not isinstance(self.tag, str):
-            raise ValueError(f"tag must be a string, got {self.tag!r}")
-        try:
-            tag_bytes = self.tag.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise ValueError(f"tag must be valid UTF-8: {exc}") from None
-        if not 1 <= len(tag_bytes) <= FS_MAX_TAG_LEN:
-            raise ValueError(
-                f"tag must be 1..{FS_MAX_TAG_LEN} bytes of UTF-8, got {len(tag_bytes)} bytes")
-        if "\0" in self.tag:
-            # The guest reads the tag up to the first NUL; an embedded one silently truncates it.
-            raise ValueError("tag must not contain NUL characters")
+        check_tag(self.tag)
 
         # num_request_queues
         if isinstance(self.num_request_queues, bool) or not isinstance(self.num_request_queues, int):

@@ -37,6 +37,25 @@ from fuse.logthrottle import LogThrottle
 logger = logging.getLogger(__name__)
 
 _OPCODE_UNIQUE = struct.Struct("<4xIQ")  # fuse_in_header: len, opcode, unique
+_PR_SET_NAME = 15
+_TASK_COMM_LEN = 16  # the kernel keeps 15 bytes of a thread name, plus the NUL
+
+
+def os_thread_name(tag: str) -> str:
+    """The OS name of a device's worker thread (what /proc/PID/task/TID/comm shows), so tools
+    and benchmarks can find the thread and read its CPU time: `pyvmm-fs-TAG`, cut to 15 bytes."""
+    return f"pyvmm-fs-{tag}".encode()[:_TASK_COMM_LEN - 1].decode("utf-8", "ignore")
+
+
+def set_os_thread_name(name: str) -> None:
+    """Name the calling thread for the OS (prctl PR_SET_NAME); best effort."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_NAME, ctypes.c_char_p(name.encode()[:_TASK_COMM_LEN - 1]), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
 
 
 @dataclass
@@ -63,7 +82,7 @@ class FsWorker:
 
     def __init__(self, name: str, server, interrupt: Interrupt, queues: list[Queue | None],
                  queue_events: list[int], counters: WorkerCounters,
-                 log: LogThrottle | None = None) -> None:
+                 log: LogThrottle | None = None, os_name: str | None = None) -> None:
         if len(queues) != len(queue_events):
             raise ValueError("one eventfd per queue")
         self.server = server
@@ -76,6 +95,7 @@ class FsWorker:
         self._broken: set[int] = set()
         # The request being served (queue, chain, start time), for stop()'s diagnosis.
         self._current: tuple[int, DescriptorChain, float] | None = None
+        self._os_name = os_name
         self._stop_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
@@ -126,6 +146,8 @@ class FsWorker:
 
     # -- thread -----------------------------------------------------------------------------------
     def _run(self) -> None:
+        if self._os_name:
+            set_os_thread_name(self._os_name)
         ep = select.epoll()
         try:
             by_fd: dict[int, int] = {}

@@ -13,8 +13,8 @@ Layers, h11 style (each testable without the next):
 - `protocol`: the wire format, sans I/O -- header, payload structs, constants from QEMU's
   docs/interop/vhost-user.rst, `decode_*` raising ProtocolError on anything malformed.
 - `connection`: framing on a stream socket, SCM_RIGHTS descriptors, deadlines.
-- `memory`: guest RAM mmap'd from the received fds, with `vmm.memory.GuestMemory`'s interface and
-  the front-end-user-address -> guest-physical translation the ring addresses need.
+- `memory`: guest RAM mmap'd from the received fds: a `devices.memory.GuestMemory` plus the
+  front-end-user-address -> guest-physical translation the ring addresses need.
 - `interrupt`: one call eventfd per queue behind the `VirtioInterrupt` interface.
 - `backend`: the message state machine; it builds ordinary `Queue`s and calls the unchanged
   `VirtioDevice.activate(memory, interrupt, queues, queue_events)`, so the split-ring code, the

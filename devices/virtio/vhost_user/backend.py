@@ -37,6 +37,7 @@ import stat
 from dataclasses import asdict, dataclass
 from typing import Callable
 
+from devices.memory import GuestMemoryError
 from devices.virtio.device import LogOnce, VirtioDevice
 from devices.virtio.queue import (
     VIRTIO_RING_F_EVENT_IDX,
@@ -47,7 +48,7 @@ from devices.virtio.queue import (
 )
 
 from .interrupt import VhostUserInterrupt
-from .memory import VhostUserMemory, VhostUserMemoryError
+from .memory import VhostUserMemory
 from .protocol import (
     PAYLOAD_SIZES,
     REPLY_REQUESTS,
@@ -216,7 +217,7 @@ class VhostUserBackend:
         try:
             try:
                 body = self._dispatch(msg)
-            except (RequestError, ProtocolError, VhostUserMemoryError, QueueConfigError) as e:
+            except (RequestError, ProtocolError, GuestMemoryError, QueueConfigError) as e:
                 return self._refuse(msg, str(e))
         finally:
             msg.close_fds()
@@ -436,7 +437,7 @@ class VhostUserBackend:
                                       (desc, avail, used), lengths):
             try:
                 out.append(self.memory.translate_user(addr, length))
-            except VhostUserMemoryError as e:
+            except GuestMemoryError as e:
                 raise RequestError(f"ring {index}: {name}: {e}") from None
         return out[0], out[1], out[2]
 
@@ -450,7 +451,7 @@ class VhostUserBackend:
         """A watched kick fd became readable: start the device with the rings that are ready."""
         try:
             self._maybe_activate(force=True)
-        except (RequestError, VhostUserMemoryError, QueueConfigError) as e:
+        except (RequestError, GuestMemoryError, QueueConfigError) as e:
             self.counters.refused += 1
             self.counters.closed_by_backend += 1
             raise CloseConnection(f"cannot start the rings: {e}") from None
