@@ -620,6 +620,27 @@ def test_policy_never_allows_the_dangerous_calls():
     assert policy.FS_DEVICE["clone"] is not None and policy.FS_DEVICE["ioctl"] is not None
 
 
+def _prctl_calls(jail) -> dict[str, int]:
+    from devices.jail import _sys
+    from devices.virtio.fs.worker import set_os_thread_name
+    set_os_thread_name("pyvmm-fs-named")
+    name = open("/proc/thread-self/comm", "rb").read().strip() if os.path.exists(
+        "/proc/thread-self/comm") else b"?"
+    libc = ctypes.CDLL(None, use_errno=True)
+    r = libc.prctl(_sys.PR_SET_DUMPABLE, 1, 0, 0, 0)
+    return {"named": int(name == b"pyvmm-fs-named"), "dumpable": r, "errno": ctypes.get_errno()}
+
+
+def test_prctl_is_allowed_only_to_name_a_thread(share):
+    """The worker names its thread (PR_SET_NAME, as crosvm allows); every other prctl, here
+    PR_SET_DUMPABLE, answers EPERM under the filter."""
+    code, r = run(jailed(share, seccomp_action="errno"), _prctl_calls)
+    assert code == 0 and r["dumpable"] == -1 and r["errno"] == errno.EPERM, r
+    assert policy.FS_DEVICE["prctl"] is not None
+    code, r = run(UNCONFINED, _prctl_calls)
+    assert code == 0 and r["named"] == 1 and r["dumpable"] == 0, r   # control: unfiltered
+
+
 def test_namespace_flags_are_the_five_of_the_issue():
     assert namespaces.JAIL_NAMESPACES == (namespaces.CLONE_NEWNS | namespaces.CLONE_NEWPID
                                           | namespaces.CLONE_NEWIPC | namespaces.CLONE_NEWUTS

@@ -132,7 +132,7 @@ def test_config_file_with_one_fs_device(share, tmp_path):
     (["--shared-dir", "{share}"], 2, "expected PATH:TAG"),
     (["--shared-dir", "{share}:share:bogus=1"], 2, "bogus: unknown option"),
     (["--shared-dir", "{tmp}/missing:share"], 2, "does not exist"),
-    (["--config", "{tmp}/two.yaml"], 2, "exactly one fs device, found 2"),
+    (["--config", "{tmp}/two.yaml"], 2, "exactly one `type: fs` device, found 2"),
     (["--config", "{tmp}/none.yaml"], 2, "config file does not exist"),
 ])
 def test_bad_share_is_a_one_line_error(share, tmp_path, args, status, message):

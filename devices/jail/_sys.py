@@ -66,6 +66,7 @@ def sethostname(name: str) -> None:
 # prctl options (linux/prctl.h); checked against the header by tests/test_jail_abi.py
 PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
+PR_SET_NAME = 15
 PR_GET_DUMPABLE = 3
 PR_GET_SECCOMP = 21
 PR_SET_SECCOMP = 22

@@ -11,9 +11,9 @@ Then ``tests/test_jail.py`` runs the same workload jailed with ``seccomp_action=
 outside this list kills it and fails the test. (Unfiltered, strace shows ``clone3`` for threads;
 under the filter clone3 answers ENOSYS and glibc uses ``clone``, which the kill-mode run covers.)
 
-Result of the last derivation: 68 calls seen, 88 in the policy (added on review: 8 for creating as
-the guest caller and remapped capabilities, prlimit64 and truncate for the resource limits,
-issue 11).
+Result of the last derivation: 68 calls seen, 89 in the policy (added on review: 8 for creating as
+the guest caller and remapped capabilities, prlimit64 and truncate for the resource limits, all
+issue 11; prctl PR_SET_NAME for the worker's thread name, issue 9).
 
 To extend: add the call to the group that needs it (or a new group saying why), run the
 workload with ``--strace`` and the jail tests. ``NEVER`` lists calls a jailed device must not make
@@ -25,6 +25,7 @@ from __future__ import annotations
 import errno
 from dataclasses import dataclass
 
+from ._sys import PR_SET_NAME
 from .seccomp import ArgIn, ArgMaskEq, Errno, Rule
 
 # clone(2) flags a thread has and a new process does not (sched.h)
@@ -100,6 +101,9 @@ GROUPS: tuple[Group, ...] = (
           "CAP_SETUID/CAP_SETGID), and capget/capset raise again the effective capabilities the "
           "fs uid change dropped (capset cannot exceed the permitted set the jail left)",
           ("unshare", "umask", "setfsuid", "setfsgid", "capget", "capset")),
+    Group("naming the device's threads for ps/top and the CPU benchmark (pyvmm-fs-TAG: "
+          "bench/fuse_backends.py finds the worker by it); prctl only PR_SET_NAME",
+          ("prctl",)),                                     # (review)
 )
 
 #: Argument checks and fixed answers (everything else in GROUPS is allowed outright).
@@ -110,6 +114,7 @@ RULES: dict[str, Rule] = {
     "ioctl": ArgIn(1, (TCGETS, FIONBIO, FIOCLEX, FIONCLEX), "isatty, setblocking, cloexec"),
     "unshare": ArgIn(0, (CLONE_FS,), "a private umask/cwd for a thread: no namespace"),
     "prlimit64": ArgIn(0, (0,), "pid 0: this process's own limits"),
+    "prctl": ArgIn(0, (PR_SET_NAME,), "PR_SET_NAME: a thread's own name, nothing else"),
 }
 
 #: Calls a jailed fs device must never be allowed (test_jail_policy keeps them out).
@@ -135,10 +140,10 @@ NEVER: dict[str, str] = {
                      "memfd_secret", "seccomp", "personality", "modify_ldt"),
                     "kernel attack surface the device does not need"),
     **dict.fromkeys(("setuid", "setgid", "setreuid", "setregid", "setresuid", "setresgid",
-                     "setgroups", "prctl"),
-                    "changing credentials or process attributes after the jail is set up (the "
-                    "per-thread fs uid/gid of a creation and capset within the permitted set "
-                    "are allowed, see GROUPS)"),
+                     "setgroups"),
+                    "changing credentials after the jail is set up (the per-thread fs uid/gid "
+                    "of a creation and capset within the permitted set are allowed, see GROUPS; "
+                    "prctl only as PR_SET_NAME, as in crosvm's common device policy, see RULES)"),
 }
 
 
