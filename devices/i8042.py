@@ -8,7 +8,7 @@ reset command, which is how our guests (and Firecracker's) say they are done.
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 

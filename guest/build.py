@@ -31,9 +31,9 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 __all__ = ["BuildError", "ensure_kernel", "kernel_hash", "cached_kernel", "parse_config",
            "verify_config", "build_inputs", "cache_root"]

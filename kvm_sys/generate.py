@@ -752,7 +752,7 @@ def render(cc: str = "gcc") -> str:
     lines.append("# once (by its constant) and error messages still say which one failed.  Numbers that two")
     lines.append("# headers' ioctls share (architectures reuse slots) map to both names.")
     lines.append("IOCTL_NAMES = {")
-    for value, names in ioctls.items():
+    for names in ioctls.values():
         lines.append(f"    {names[0]}: {' or '.join(names)!r},")
     lines.append("}")
     lines.append("")

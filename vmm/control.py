@@ -36,7 +36,7 @@ class ControlServer:
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
         self._thread = threading.Thread(target=self._serve, name="control", daemon=True)
 
-    def __enter__(self) -> "ControlServer":
+    def __enter__(self) -> ControlServer:
         self._thread.start()
         return self
 
@@ -69,7 +69,7 @@ class ControlServer:
         while True:
             try:
                 chunk = conn.recv(4096)
-            except (socket.timeout, OSError):
+            except (TimeoutError, OSError):
                 return
             if not chunk:
                 return

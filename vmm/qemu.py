@@ -33,8 +33,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 from devices.virtio.fs.options import FsOptions
 

@@ -9,12 +9,12 @@ virtqueue notifications go through ioeventfds and never stop a vCPU. Every exit 
 from __future__ import annotations
 
 import collections
-import errno
 import enum
+import errno
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from devices.memory import GuestMemoryAccess
 from kvm_sys import (FailEntryExit, InternalErrorExit, IoExit, KvmError, MmioExit, SystemEventExit, Vcpu,

@@ -12,7 +12,8 @@ something.  What the kernel's device says (``fs/fuse/dev.c``):
 
 FORGET, BATCH_FORGET and INTERRUPT get no reply: the server writes nothing for them, and nothing
 is sent.  Every other request is answered, if need be with EIO from here: a request the server
-could not answer would otherwise leave its caller waiting until the connection is aborted.  Several threads may serve one connection; ``fuse.Server.handle`` is thread-safe.
+could not answer would otherwise leave its caller waiting until the connection is aborted.  Several
+threads may serve one connection; ``fuse.Server.handle`` is thread-safe.
 """
 
 from __future__ import annotations

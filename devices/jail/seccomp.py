@@ -30,7 +30,6 @@ from __future__ import annotations
 import ctypes
 import errno
 from dataclasses import dataclass
-from typing import Union
 
 from . import _sys
 from .syscall_table import MAX_KNOWN, SYSCALLS
@@ -131,7 +130,7 @@ class ArgIn:
     why: str = ""
 
 
-Rule = Union[None, Errno, ArgMaskEq, ArgIn]   # None = allow
+Rule = Errno | ArgMaskEq | ArgIn | None   # None = allow
 
 
 def _rule_code(rule: Rule, default: int) -> list[Insn]:

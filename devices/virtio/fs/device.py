@@ -21,7 +21,7 @@ import logging
 import os
 import struct
 import tempfile
-from typing import Callable
+from collections.abc import Callable
 
 from devices.memory import GuestMemoryAccess
 from devices.virtio.device import BASE_FEATURES, VIRTIO_ID_FS, VirtioDevice

@@ -28,7 +28,7 @@ from __future__ import annotations
 import errno
 import os
 import struct
-from typing import Iterator
+from collections.abc import Iterator
 
 from . import syscalls
 

@@ -55,7 +55,8 @@ import functools
 import logging
 import os
 import stat
-from typing import Any, Callable, Iterator, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 from fuse import abi
 from fuse.filesystem import Context, DirEntry, Entry, FileSystem, InitReply, SetattrRequest
@@ -97,7 +98,7 @@ def _guard(fn: _F) -> _F:
     a hostile guest sends may raise anything else into the worker thread."""
 
     @functools.wraps(fn)
-    def wrapper(self: "PassthroughFs", *args: Any, **kwargs: Any) -> Any:
+    def wrapper(self: PassthroughFs, *args: Any, **kwargs: Any) -> Any:
         try:
             return fn(self, *args, **kwargs)
         except OSError as e:

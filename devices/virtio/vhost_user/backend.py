@@ -34,8 +34,8 @@ from __future__ import annotations
 import logging
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 from devices.memory import GuestMemoryError
 from devices.virtio.device import LogOnce, VirtioDevice

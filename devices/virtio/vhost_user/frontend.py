@@ -40,8 +40,8 @@ import os
 import select
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from devices.memory import GuestMemory, GuestMemoryError
 from devices.virtio.device import BASE_FEATURES, VIRTIO_F_VERSION_1, VIRTIO_ID_FS, VirtioDevice
@@ -366,7 +366,7 @@ class VhostUserFsFrontend(VirtioDevice):
             poller.register(fd, select.POLLIN)
         while True:
             events = poller.poll()
-            for fd, ev in events:
+            for fd, _ev in events:
                 if fd == self._wake_r:
                     return
                 if fd == sock_fd:
