@@ -12,9 +12,11 @@ import logging
 import sys
 from pathlib import Path
 
+from devices.virtio.fs.options import FsOptions
+from devices.virtio.vhost_user.frontend import VhostUserFsOptions
+
 from .config import (ConfigError, exec_to_script, load_config, parse_fs_option_items,
                      parse_shared_dir, parse_vhost_user_fs, with_overrides)
-
 from .errors import EXIT_FAILURE, EXIT_USAGE
 
 log = logging.getLogger("vmm")
@@ -130,7 +132,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not args.script.is_file():
             raise ConfigError(f"--script: {args.script} does not exist")
         script = args.script.read_text()
-    shares = [parse_shared_dir(s) for s in args.shared_dir]
+    shares: list[FsOptions | VhostUserFsOptions] = [parse_shared_dir(s) for s in args.shared_dir]
     shares += [parse_vhost_user_fs(s) for s in args.vhost_user_fs]
     config = with_overrides(config, vcpus=args.vcpus, memory_mib=args.memory, script=script,
                             shared_dirs=shares, kernel=args.kernel, cmdline=args.cmdline,

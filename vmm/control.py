@@ -56,7 +56,7 @@ class ControlServer:
 
     def _serve(self) -> None:
         while True:
-            ready, _, _ = select.select([self.sock, self._stop_r], [], [])
+            ready, _, _ = select.select([self.sock.fileno(), self._stop_r], [], [])
             if self._stop_r in ready:
                 return
             conn, _ = self.sock.accept()

@@ -45,6 +45,7 @@ def translate(memory: GuestMemoryAccess, cr3: int, vaddr: int, levels: int = 4) 
 
 
 def instruction_bytes(memory: GuestMemoryAccess, sregs, rip: int) -> bytes | None:
+    phys: int | None
     if not sregs.cr0 & CR0_PG:
         phys = rip
     elif sregs.efer & EFER_LMA:

@@ -25,7 +25,6 @@ from typing import BinaryIO
 from devices.acpi_pm import AcpiPmDevice
 from devices.i8042 import I8042
 from devices.serial import Serial
-from devices.virtio.device import VirtioDevice
 from devices.virtio.fs.device import FsDevice
 from devices.virtio.fs.options import FsOptions
 from devices.virtio.mmio import VIRTIO_MMIO_QUEUE_NOTIFY, MmioTransport
@@ -298,7 +297,7 @@ class Machine:
         return announced
 
     def _make_fs_device(self, stack: contextlib.ExitStack, options: FsOptions | VhostUserFsOptions,
-                        memory: GuestMemory) -> VirtioDevice:
+                        memory: GuestMemory) -> FsDevice | VhostUserFsFrontend:
         """A virtio-fs device served here (`type: fs`), or a front-end for a back-end process
         (`type: vhost-user-fs`: connects and negotiates now, so a missing or refusing back-end
         ends the run before the guest starts, with one line naming its socket)."""

@@ -35,6 +35,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 from devices.virtio.fs.options import FsOptions
 
@@ -82,7 +83,7 @@ class _ServerProcess:
 
     def __init__(self) -> None:
         self.proc: subprocess.Popen | None = None
-        self._log = None
+        self._log: BinaryIO | None = None
 
     def command(self) -> list[str]:
         raise NotImplementedError

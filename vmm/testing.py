@@ -245,6 +245,7 @@ class _BackendServers:
         from devices.virtio.vhost_user.frontend import VhostUserFsOptions
         from vmm.qemu import BackendProcess, VirtiofsdProcess
 
+        server: BackendProcess | VirtiofsdProcess
         if transport == "vhost-user":
             server = BackendProcess(options, self.workdir)
         else:

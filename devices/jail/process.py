@@ -193,13 +193,13 @@ def _relay(pid: int, report_fd: int | None) -> None:
             except ChildProcessError:
                 os._exit(1)
         if os.WIFSIGNALED(status):
-            sig = os.WTERMSIG(status)
+            signum = os.WTERMSIG(status)
             resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-            if sig not in (signal.SIGKILL, signal.SIGSTOP):   # these have no handler to reset
-                signal.signal(sig, signal.SIG_DFL)
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, [sig])
-            os.kill(os.getpid(), sig)
-            code = 128 + sig
+            if signum not in (signal.SIGKILL, signal.SIGSTOP):   # these have no handler to reset
+                signal.signal(signum, signal.SIG_DFL)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, [signum])
+            os.kill(os.getpid(), signum)
+            code = 128 + signum
         else:
             code = os.waitstatus_to_exitcode(status)
     finally:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from . import _sys
@@ -215,7 +216,7 @@ def compile_filter(rules: dict[int, Rule], default: int) -> list[Insn]:
     return prog
 
 
-def rules_by_number(allowed: dict[str, Rule]) -> dict[int, Rule]:
+def rules_by_number(allowed: Mapping[str, Rule]) -> dict[int, Rule]:
     """Syscall names -> numbers (an unknown name is a ValueError: a typo must not pass)."""
     out: dict[int, Rule] = {}
     for name, rule in allowed.items():

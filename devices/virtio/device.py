@@ -11,7 +11,7 @@ import logging
 from abc import ABC, abstractmethod
 
 from devices.memory import GuestMemoryAccess
-from devices.virtio.interrupt import Interrupt
+from devices.virtio.interrupt import VirtioInterrupt
 from devices.virtio.queue import VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, Queue
 
 # linux/virtio_config.h
@@ -81,7 +81,7 @@ class VirtioDevice(ABC):
         raise PermissionError("device config space is read-only")
 
     @abstractmethod
-    def activate(self, memory: GuestMemoryAccess, interrupt: Interrupt, queues: list[Queue | None],
+    def activate(self, memory: GuestMemoryAccess, interrupt: VirtioInterrupt, queues: list[Queue | None],
                  queue_events: list[int]) -> None:
         """DRIVER_OK: start serving. `queues[i]` is None for a queue the driver left disabled;
         `queue_events[i]` is the eventfd signalled when the driver notifies queue i."""

@@ -27,7 +27,7 @@ from devices.memory import GuestMemoryAccess
 from devices.virtio.device import BASE_FEATURES, VIRTIO_ID_FS, VirtioDevice
 from devices.virtio.fs.options import DEFAULT_MAX_WRITE, FS_MAX_TAG_LEN, FsOptions
 from devices.virtio.fs.worker import FsWorker, WorkerCounters, os_thread_name
-from devices.virtio.interrupt import Interrupt
+from devices.virtio.interrupt import VirtioInterrupt
 from devices.virtio.queue import Queue
 from fuse.logthrottle import LogThrottle
 from fuse.metrics import Metrics
@@ -114,7 +114,7 @@ class FsDevice(VirtioDevice):
     def device_features(self) -> int:
         return BASE_FEATURES
 
-    def activate(self, memory: GuestMemoryAccess, interrupt: Interrupt, queues: list[Queue | None],
+    def activate(self, memory: GuestMemoryAccess, interrupt: VirtioInterrupt, queues: list[Queue | None],
                  queue_events: list[int]) -> None:
         if self._worker is not None:
             raise RuntimeError("virtio-fs device is already active")

@@ -108,5 +108,5 @@ class HandleTable:
         def take_all() -> list[Handle]:
             handles = list(self._by_fh.values())
             self._by_fh.clear()
-            return handles  # type: ignore[return-value]
+            return handles
         return self._pins.clear(take_all)

@@ -228,4 +228,4 @@ class InodeTable:
             self._by_id.clear()
             self._by_key.clear()
             return inodes
-        return self._pins.clear(take_all)  # type: ignore[arg-type]
+        return self._pins.clear(take_all)

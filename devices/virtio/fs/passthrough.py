@@ -55,7 +55,7 @@ import functools
 import logging
 import os
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import Any, TypeVar
 
 from fuse import abi
@@ -776,7 +776,7 @@ class PassthroughFs(FileSystem):
             return self._handles.add(nodeid, fd, True, stream), self._fopen_flags(True)
 
     def _dir_entries(self, nodeid: int, fh: int, offset: int
-                     ) -> Iterator[tuple[int, int, int, bytes]]:
+                     ) -> Generator[tuple[int, int, int, bytes], None, None]:
         """The handle's listing from `offset` (dirstream.py), with the handle pinned for as long
         as the listing is read. Closing this iterator closes the stream's, at the same entry."""
         with self._handles.pin(fh, nodeid, is_dir=True) as h:

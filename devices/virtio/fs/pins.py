@@ -26,7 +26,7 @@ import errno
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Protocol, TypeVar
 
@@ -123,7 +123,7 @@ class PinnedFds:
         fd, entry.fd = entry.fd, -1
         return fd
 
-    def clear(self, entries: Callable[[], list[Pinnable]]) -> bool:
+    def clear(self, entries: Callable[[], Sequence[Pinnable]]) -> bool:
         """Retire every entry ``entries()`` hands over (it runs under the lock and empties the
         table). False if the lock is wedged: the caller then abandons the table (its fds leak)."""
         if not self.lock.acquire():

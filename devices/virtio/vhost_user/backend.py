@@ -481,9 +481,9 @@ class VhostUserBackend:
                 events[i] = r.kick_fd
             self.device.activate(self.memory, self.interrupt, queues, events)
         except BaseException:
-            for q in queues:
-                if q is not None:
-                    q.close()
+            for opened in queues:
+                if opened is not None:
+                    opened.close()
             raise
         self._queues = queues
         self.active = True
