@@ -12,7 +12,7 @@ import logging
 import threading
 from collections.abc import Callable
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 # Register offsets (DLAB=0 unless noted).
 RBR_THR_DLL = 0
@@ -93,7 +93,7 @@ class Serial:
             room = INPUT_LIMIT - len(self._input)
             if len(data) > room:
                 if not self._dropped:
-                    log.warning("serial input buffer full: dropping input the guest does not read")
+                    logger.warning("serial input buffer full: dropping input the guest does not read")
                 self._dropped += len(data) - room
                 data = data[:room]
             self._input.extend(data)

@@ -48,3 +48,26 @@ def test_mypy_reports_a_planted_error(tmp_path: Path) -> None:
     r = _run("mypy", "--config-file", str(PYPROJECT), str(bad))
     assert r.returncode == 1, r.stdout + r.stderr
     assert "[assignment]" in r.stdout, r.stdout
+
+
+#: Loggers named otherwise than after their module, each with the reason (kept in sync by the test).
+LOGGER_EXCEPTIONS = {
+    # The device keeps the worker's throttle so it spans activations; lines keep the worker's name.
+    "devices/virtio/fs/device.py": "LogThrottle(logging.getLogger(FsWorker.__module__))",
+}
+
+
+def test_one_logger_convention() -> None:
+    """Every module logs through ``logger = logging.getLogger(__name__)``, so a logger's name says
+    where a line comes from and `-v`/logging config can address a package by its dotted name."""
+    bad = []
+    paths = [p for pkg in ("kvm_sys", "vmm", "devices", "fuse", "guest", "bench")
+             for p in sorted((ROOT / pkg).rglob("*.py"))]
+    for path in paths:
+        rel = path.relative_to(ROOT).as_posix()
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if "getLogger(" not in line or line == "logger = logging.getLogger(__name__)":
+                continue
+            if LOGGER_EXCEPTIONS.get(rel, "\0") not in line:
+                bad.append(f"{rel}:{n}: {line.strip()}")
+    assert not bad, "loggers not named `logger = logging.getLogger(__name__)`:\n" + "\n".join(bad)

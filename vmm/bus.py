@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from devices.bus_device import BusDevice
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 
 class BusError(ValueError):
@@ -85,5 +85,5 @@ class Bus:
         self.unclaimed_accesses += 1
         if addr not in self._unclaimed_seen:
             self._unclaimed_seen.add(addr)
-            log.debug("%s bus: unclaimed %d-byte %s at %#x (further ones not logged)",
+            logger.debug("%s bus: unclaimed %d-byte %s at %#x (further ones not logged)",
                       self.name, size, what, addr)

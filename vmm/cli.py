@@ -19,7 +19,6 @@ from .config import (ConfigError, exec_to_script, load_config, parse_fs_option_i
                      parse_shared_dir, parse_vhost_user_fs, with_overrides)
 from .errors import EXIT_FAILURE, EXIT_USAGE
 
-log = logging.getLogger("vmm")
 
 #: The tag of a fuse-mount share: it names the trace file and the metrics entry, as a
 #: shared directory's tag does in a VM.

@@ -15,7 +15,7 @@ from typing import BinaryIO
 
 from guest.console import ConsoleParser
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 MAX_LINE = 4096   # a guest that never prints a newline must not grow host memory without bound
 

@@ -15,7 +15,7 @@ import socket
 import threading
 from typing import Any
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 MAX_REQUEST = 64 * 1024
 

@@ -10,7 +10,7 @@ import logging
 
 from devices.memory import GuestMemoryAccess
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 PAGE_PRESENT = 1 << 0
 PAGE_SIZE_BIT = 1 << 7
@@ -84,7 +84,7 @@ def describe_vcpu(vcpu, memory: GuestMemoryAccess) -> str:
         code = instruction_bytes(memory, sregs, regs.rip)
     except Exception as exc:  # noqa: BLE001
         code = None
-        log.debug("cannot read instruction bytes: %s", exc)
+        logger.debug("cannot read instruction bytes: %s", exc)
     if code:
         lines.append(f"  bytes at rip: {code.hex(' ')}")
     else:

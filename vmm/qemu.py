@@ -42,7 +42,7 @@ from devices.virtio.fs.options import FsOptions
 from .config import Config, GuestConfig, KernelConfig, parse_shared_dir
 from .console import ConsoleSink
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 QEMU = "qemu-system-x86_64"
 CLK_TCK = os.sysconf("SC_CLK_TCK")

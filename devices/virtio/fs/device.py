@@ -102,7 +102,9 @@ class FsDevice(VirtioDevice):
             raise
         self._worker: FsWorker | None = None
         self._stuck: FsWorker | None = None  # a worker that did not stop in time
-        # Log lines a guest can repeat with every activation, thinned across all of them.
+        # Log lines a guest can repeat with every activation, thinned across all of them. The
+        # worker's lines keep the worker module's logger name; the throttle lives here, with the
+        # device, so that it spans the workers of successive activations.
         self._log = LogThrottle(logger)
         self._worker_log = LogThrottle(logging.getLogger(FsWorker.__module__))
 
