@@ -7,7 +7,6 @@ can be put behind another transport, and the transport knows nothing of file sys
 
 from __future__ import annotations
 
-import logging
 from abc import ABC, abstractmethod
 
 from devices.memory import GuestMemoryAccess
@@ -28,21 +27,6 @@ VIRTIO_ID_FS = 26
 
 # What every device here supports: the modern interface and both ring features queue.py implements.
 BASE_FEATURES = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_INDIRECT_DESC) | (1 << VIRTIO_RING_F_EVENT_IDX)
-
-
-class LogOnce:
-    """Logs each kind of guest-caused problem once per object, so a hostile or buggy guest cannot
-    flood the host log (the counters in metrics() still show how often it happened)."""
-
-    def __init__(self, logger: logging.Logger) -> None:
-        self._logger = logger
-        self._seen: set[str] = set()
-
-    def __call__(self, kind: str, msg: str, *args: object, level: int = logging.WARNING) -> None:
-        if kind in self._seen:
-            return
-        self._seen.add(kind)
-        self._logger.log(level, msg, *args, stacklevel=2)
 
 
 class VirtioDevice(ABC):
