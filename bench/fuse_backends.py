@@ -40,7 +40,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -241,8 +241,10 @@ def summarize(rounds: list[Round], census: dict[str, dict[str, int]] | None) -> 
     size = int(rounds[0].steps["write"].extra["size"])
     out["guest"] = {
         "probe_ns_per_stat": {"min": min(probe), "median": statistics.median(probe)},
-        "write_mib_s": {"max": size / 2**20 / (min(write) / 1e9), "median": size / 2**20 / (statistics.median(write) / 1e9)},
-        "read_mib_s": {"max": size / 2**20 / (min(read) / 1e9), "median": size / 2**20 / (statistics.median(read) / 1e9)},
+        "write_mib_s": {"max": size / 2**20 / (min(write) / 1e9),
+                        "median": size / 2**20 / (statistics.median(write) / 1e9)},
+        "read_mib_s": {"max": size / 2**20 / (min(read) / 1e9),
+                       "median": size / 2**20 / (statistics.median(read) / 1e9)},
     }
     return out
 
@@ -343,7 +345,7 @@ def print_table(summaries: dict[str, Any], ratios: dict[str, Any], desc: dict[st
           f"{'ns/stat':>10} {'write MiB/s':>11} {'read MiB/s':>10}", file=sys.stderr)
     for c, s in summaries.items():
         def cell(seg: str, key: str | None = None) -> str:
-            row = s[seg]
+            row = s[seg]  # noqa: B023 - called only within this iteration
             if key is None:
                 key = "worker_us_per_request" if "worker_us_per_request" in row else "server_process_us_per_request"
             if key not in row:

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Callable
+from collections.abc import Callable
+
+from fuse.logthrottle import LogThrottle
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +50,7 @@ class AcpiPmDevice:
         self._on_reset = on_reset
         self._lock = threading.Lock()
         self._wake_status = False
-        self._warned = False
+        self._log = LogThrottle(logger)
         self.poweroff_requests = 0
         self.reset_requests = 0
 
@@ -96,8 +98,6 @@ class AcpiPmDevice:
 
     def _log_unknown(self, what: str) -> None:
         """Log the first unexpected access at warning level, later ones at debug (a guest can loop)."""
-        if not self._warned:
-            self._warned = True
-            logger.warning("acpi_pm: ignoring unexpected guest %s (further ones logged at debug)", what)
-        else:
+        if not self._log.once("unexpected", logging.WARNING,
+                              "acpi_pm: ignoring unexpected guest %s (further ones logged at debug)", what):
             logger.debug("acpi_pm: ignoring unexpected guest %s", what)

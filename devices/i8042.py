@@ -8,9 +8,9 @@ reset command, which is how our guests (and Firecracker's) say they are done.
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from collections.abc import Callable
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 DATA_PORT_OFFSET = 0       # port 0x60
 COMMAND_PORT_OFFSET = 4    # port 0x64
@@ -44,7 +44,7 @@ class I8042:
         command = data[0]
         if command == CMD_RESET_CPU:
             self.resets += 1
-            log.debug("i8042: CPU reset requested by the guest")
+            logger.debug("i8042: CPU reset requested by the guest")
             self._on_reset()
         elif command == CMD_READ_OUTPUT_PORT:
             self._pending = OUTPUT_PORT_DEFAULT

@@ -35,8 +35,9 @@ import logging
 import mmap
 import os
 import struct
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable, Protocol, Sequence, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 __all__ = ["Backing", "FileMapping", "GuestMemory", "GuestMemoryAccess", "GuestMemoryError",
            "MemoryRegion", "PAGE_SIZE", "map_anonymous", "map_memfd"]

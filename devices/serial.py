@@ -10,9 +10,11 @@ from __future__ import annotations
 import collections
 import logging
 import threading
-from typing import Callable
+from collections.abc import Callable
 
-log = logging.getLogger(__name__)
+from fuse.logthrottle import LogThrottle
+
+logger = logging.getLogger(__name__)
 
 # Register offsets (DLAB=0 unless noted).
 RBR_THR_DLL = 0
@@ -59,6 +61,7 @@ class Serial:
         self.fifo = False
         self.thr_pending = False  # THR-empty interrupt waiting to be read from IIR
         self._dropped = 0
+        self._log = LogThrottle(logger)
         self.rx_queued = 0        # host bytes accepted for the guest
         self.rx_delivered = 0     # ... of which the guest's driver read through RBR
 
@@ -92,8 +95,8 @@ class Serial:
         with self._lock:
             room = INPUT_LIMIT - len(self._input)
             if len(data) > room:
-                if not self._dropped:
-                    log.warning("serial input buffer full: dropping input the guest does not read")
+                self._log.once("input-full", logging.WARNING,
+                               "serial input buffer full: dropping input the guest does not read")
                 self._dropped += len(data) - room
                 data = data[:room]
             self._input.extend(data)

@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator, NamedTuple
+from typing import NamedTuple
 
 from .io import Reader, Writer
 
@@ -86,7 +87,7 @@ class Entry:
     attr_timeout: float
 
     @classmethod
-    def negative(cls, timeout: float) -> "Entry":
+    def negative(cls, timeout: float) -> Entry:
         return cls(nodeid=0, generation=0, attr=None, entry_timeout=timeout, attr_timeout=0.0)
 
 

@@ -1,17 +1,20 @@
 """Log lines a guest can cause, limited so that a hostile or broken guest cannot flood the host log.
 
-Three kinds, one count each: guest-caused events (malformed requests, INIT storms...: every one is
-worth knowing about at first, then only a sample, with a running count), filesystem bugs (a
-traceback the first time for each op and exception type, then a sampled one-liner), and named
-events a guest can repeat at will, such as a failed device activation or a broken ring
-(:meth:`LogThrottle.sample`: the 1st, 2nd, 4th, 8th... of each kind).  The counts of
-what happened stay exact in the metrics; only the log is thinned.
+The one flood-limiting helper of the tree. Four kinds, one count each: guest-caused events
+(malformed requests, INIT storms...: every one is worth knowing about at first, then only a
+sample, with a running count), filesystem bugs (a traceback the first time for each op and
+exception type, then a sampled one-liner), named events a guest can repeat at will, such as a
+failed device activation or a broken ring (:meth:`LogThrottle.sample`: the 1st, 2nd, 4th, 8th...
+of each kind), and problems worth one line per object (:meth:`LogThrottle.once`: a transport's
+bad register accesses, a failed eventfd write).  The counts of what happened stay exact in the
+metrics; only the log is thinned.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Hashable
 from typing import Any
 
 #: Events of one kind logged in full before sampling starts.
@@ -32,6 +35,7 @@ class LogThrottle:
         self._warnings = 0
         self._bugs: dict[tuple[str, type], int] = {}
         self._kinds: dict[str, int] = {}
+        self._once: set[Hashable] = set()
 
     def warn(self, msg: str, *args: Any) -> None:
         """A malformed request or another guest-caused event worth a warning (sampled)."""
@@ -73,3 +77,14 @@ class LogThrottle:
                 msg += " (%d times so far; logging every power of two)"
                 args += (n,)
             self._logger.log(level, msg, *args, stacklevel=2)
+
+    def once(self, key: Hashable, level: int, msg: str, *args: Any) -> bool:
+        """Log the first event of ``key`` at ``level`` and drop later ones; True if this call
+        logged. ``key`` is chosen by the caller from a small set (a fixed string, an errno, an
+        exception type), so the set of keys seen stays small whatever the guest does."""
+        with self._lock:
+            if key in self._once:
+                return False
+            self._once.add(key)
+        self._logger.log(level, msg, *args, stacklevel=2)
+        return True

@@ -21,7 +21,8 @@ from __future__ import annotations
 import errno
 import logging
 import struct
-from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from . import abi, encode
 from .abi import Opcode

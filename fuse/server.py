@@ -24,7 +24,8 @@ from __future__ import annotations
 import errno
 import logging
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from . import abi
 from .filesystem import Context, FileSystem, never_stop

@@ -27,7 +27,7 @@ class Trace:
         self._failed = False
 
     @classmethod
-    def open(cls, path: str) -> "Trace":
+    def open(cls, path: str) -> Trace:
         """Append to ``path`` (line-buffered UTF-8)."""
         return cls(open(path, "a", encoding="utf-8", buffering=1), owns_stream=True)
 

@@ -31,14 +31,14 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 __all__ = ["BuildError", "ensure_kernel", "kernel_hash", "cached_kernel", "parse_config",
            "verify_config", "build_inputs", "cache_root"]
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 Progress = Callable[[str], None] | None
 
@@ -176,7 +176,7 @@ def verify_config(wanted: dict[str, str | None], actual: dict[str, str | None]) 
 # ---------------------------------------------------------------------------------------- system
 
 def _say(progress: Progress, message: str) -> None:
-    log.info("%s", message)
+    logger.info("%s", message)
     if progress is not None:
         progress(message)
 
@@ -303,7 +303,7 @@ def _apply_patches(tree: Path, patches: tuple[tuple[str, bytes], ...], progress:
         if res.returncode == 0:
             res = _patch(tree, data, "--forward")
         elif _patch(tree, data, "-R", "--dry-run").returncode == 0:
-            log.info("patch %s was already applied", name)      # e.g. a hand-patched tree
+            logger.info("patch %s was already applied", name)      # e.g. a hand-patched tree
             res = subprocess.CompletedProcess([], 0)
         if res.returncode != 0:
             raise BuildError(f"patch {name} does not apply to {SOURCE_PACKAGE}: "
@@ -375,7 +375,7 @@ def _prune(root: Path, keep: int = KEEP_KERNELS) -> None:
     kernels = sorted((d for d in (root / "kernel").iterdir() if d.is_dir()),
                      key=lambda d: d.stat().st_mtime, reverse=True)
     for old in kernels[keep:]:
-        log.info("pruning old guest kernel %s", old)
+        logger.info("pruning old guest kernel %s", old)
         shutil.rmtree(old, ignore_errors=True)
         (root / "build" / f"build-{old.name}.log").unlink(missing_ok=True)
 
@@ -399,7 +399,7 @@ def ensure_kernel(progress: Progress = None, force: bool = False, image: str = "
     wanted = cached_kernel(digest, image)
     out = cached_kernel(digest)
     if all(cached_kernel(digest, i).exists() for i in IMAGES) and not force:
-        log.debug("guest kernel cached: %s", wanted)
+        logger.debug("guest kernel cached: %s", wanted)
         return wanted
     root = cache_root()
     with _build_lock(root):

@@ -26,7 +26,7 @@ from .script import errno_name
 
 __all__ = ["AgentLine", "parse_line", "unescape", "ConsoleParser", "PREFIX"]
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 PREFIX = "@@pyvmm "
 _TIMESTAMP = re.compile(r"^\[\s*\d+\.\d+\]\s?")
@@ -164,7 +164,7 @@ class ConsoleParser:
             if parsed is not None:
                 found.append(parsed)
         if len(self._pending) > self.MAX_PENDING:
-            log.warning("console: dropping %d bytes without a newline", len(self._pending))
+            logger.warning("console: dropping %d bytes without a newline", len(self._pending))
             self._pending.clear()
         return found
 

@@ -13,7 +13,7 @@ ASCII header "070701" + 13 eight-digit hex fields, the NUL-terminated name padde
 from __future__ import annotations
 
 import stat
-from typing import Mapping
+from collections.abc import Mapping
 
 __all__ = ["build_initramfs", "InitramfsError", "MAGIC", "TRAILER"]
 

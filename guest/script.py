@@ -19,8 +19,8 @@ golden ratio), which keeps every block distinct so misplaced or repeated blocks 
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 __all__ = ["BLOCK", "pattern", "sum64", "OPS", "ERRNOS", "errno_number", "errno_name", "Step", "Script",
            "render", "ScriptError"]
@@ -210,7 +210,7 @@ class Script:
     def __init__(self) -> None:
         self.steps: list[Step] = []
 
-    def op(self, name: str, *args: object, expect: str | int | None = None) -> "Script":
+    def op(self, name: str, *args: object, expect: str | int | None = None) -> Script:
         step = Step(name, tuple(_token(a) for a in args), _expect_name(expect))
         step.line()   # validate now, where the caller's traceback points at the mistake
         self.steps.append(step)

@@ -10,11 +10,10 @@ kernel will read or write.
 
 from __future__ import annotations
 
-import ctypes
 import functools
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def flex_type(cls: type, n: int) -> type:
     """Subclass of ``cls`` with room for exactly ``n`` trailing elements."""
     flex = getattr(cls, "_flex_", None)

@@ -31,6 +31,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pycparser import c_ast, c_parser
 
@@ -162,7 +163,7 @@ def preprocess(cc: str = "gcc") -> Preprocessed:
 
 
 def _from_kvm_header(path: str | None) -> bool:
-    return bool(path) and path.endswith(HEADER_SUFFIXES)
+    return path is not None and path.endswith(HEADER_SUFFIXES)
 
 
 def headers_version(cc: str = "gcc") -> str:
@@ -357,7 +358,7 @@ class Model:
         """Build the live ctypes class (needed for sizeof in later expressions and macros)."""
         base = ctypes.Structure if rec.kind == "struct" else ctypes.Union
         ns = self._ns
-        cls = type(rec.name, (base,), {})
+        cls: Any = type(rec.name, (base,), {})   # a ctypes class built at run time
         anon = tuple(f.name for f in rec.fields if f.anonymous)
         if anon:
             cls._anonymous_ = anon
@@ -423,7 +424,7 @@ def tokenize(text: str) -> list[str]:
     text = text.strip()
     while pos < len(text):
         m = _TOKEN.match(text, pos)
-        if not m or m.end() == pos:
+        if not m or m.end() == pos or m.lastindex is None:
             raise GenerateError(f"cannot tokenize {text!r}")
         out.append(m.group(m.lastindex))
         pos = m.end()
@@ -752,7 +753,7 @@ def render(cc: str = "gcc") -> str:
     lines.append("# once (by its constant) and error messages still say which one failed.  Numbers that two")
     lines.append("# headers' ioctls share (architectures reuse slots) map to both names.")
     lines.append("IOCTL_NAMES = {")
-    for value, names in ioctls.items():
+    for names in ioctls.values():
         lines.append(f"    {names[0]}: {' or '.join(names)!r},")
     lines.append("}")
     lines.append("")

@@ -22,7 +22,7 @@ import errno as errno_mod
 import logging
 import mmap
 import os
-from typing import Iterable
+from collections.abc import Iterable
 
 from . import bindings as kb
 from .exits import RUN_SIZE, RunPage, VcpuExit

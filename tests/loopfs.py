@@ -18,8 +18,8 @@ import gc
 import hashlib
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 BLOCK = 4096
 MOUNT_OPTIONS = "loop,noauto_da_alloc,commit=300"

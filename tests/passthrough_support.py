@@ -9,14 +9,6 @@ from devices.virtio.fs.passthrough import PassthroughFs
 from fuse.filesystem import SetattrRequest
 
 
-@pytest.fixture
-def share(tmp_path):
-    """An empty shared directory (tests that fingerprint siblings use tmp_path around it)."""
-    d = tmp_path / "share"
-    d.mkdir()
-    return d
-
-
 def make_fs(share, **kw) -> PassthroughFs:
     """A passthrough fs on `share`, initialised as after a guest INIT offering every flag."""
     fs = PassthroughFs(FsOptions(source=str(share), tag="t", **kw))

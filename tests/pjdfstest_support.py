@@ -25,9 +25,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
 
 REPO = Path(__file__).resolve().parent.parent
 #: ``../shared/third_party/pjdfstest`` relative to the checkout: /work/main and every worktree

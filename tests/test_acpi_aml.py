@@ -126,7 +126,8 @@ def test_string() -> None:
             aml.string(bad)
 
 
-@pytest.mark.parametrize("eisa, encoded", [("PNP0501", "0c41d00501"), ("PNP0303", "0c41d00303"), ("PNP0A03", "0c41d00a03")])
+@pytest.mark.parametrize("eisa, encoded",
+                         [("PNP0501", "0c41d00501"), ("PNP0303", "0c41d00303"), ("PNP0A03", "0c41d00a03")])
 def test_eisa_id(eisa: str, encoded: str) -> None:
     assert aml.eisa_id(eisa) == h(encoded)
 

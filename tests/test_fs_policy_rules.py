@@ -136,3 +136,15 @@ def test_log_throttle_samples_repeated_bugs(caplog):
         log.bug("lookup", RuntimeError("boom"))
     assert sum(1 for r in caplog.records if r.exc_info) == 1
     assert len(caplog.records) == FULL_WARNINGS + 4
+
+
+def test_log_throttle_once_per_key(caplog):
+    """once(): the first event of each key is logged (at the caller's line), later ones dropped."""
+    log = LogThrottle(logging.getLogger("t.once"))
+    caplog.set_level(logging.DEBUG, logger="t.once")
+    firsts = [log.once(f"kind-{i % 3}", logging.ERROR if i % 3 else logging.DEBUG, "event %d", i)
+              for i in range(300)]
+    assert firsts == [True, True, True] + [False] * 297
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+        (logging.DEBUG, "event 0"), (logging.ERROR, "event 1"), (logging.ERROR, "event 2")]
+    assert all(r.pathname == __file__ for r in caplog.records)

@@ -127,7 +127,7 @@ def test_opcodes_match_header(tmp_path: Path) -> None:
     assert ours == header_ops
     body = "".join(f'printf("{n} %d\\n", (int){n});\n' for n in ours)
     out = _compile_and_run(tmp_path, body)
-    assert {k: int(v) for k, v in (l.split() for l in out.splitlines())} == ours
+    assert {k: int(v) for k, v in (line.split() for line in out.splitlines())} == ours
     assert abi.FUSE_LOOKUP == abi.Opcode.LOOKUP == 1
 
 

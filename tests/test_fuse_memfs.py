@@ -14,10 +14,9 @@ import os
 import stat
 import struct
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple
-
-import pytest
+from typing import Any, NamedTuple
 
 from fuse import abi
 from fuse.filesystem import Context, DirEntry, Entry, FileSystem, InitReply, SetattrRequest
@@ -472,20 +471,6 @@ def do_init(server: Server, **kw: Any) -> Any:
     r = send(server, request(abi.Opcode.INIT, init_body(**kw), nodeid=0))
     assert r is not None and r.error == 0, r
     return abi.INIT_OUT.unpack(r.payload)
-
-
-@pytest.fixture
-def memfs(tmp_path: Path) -> Iterator[MemFS]:
-    fs = MemFS(tmp_path)
-    yield fs
-    fs.close()
-
-
-@pytest.fixture
-def server(memfs: MemFS) -> Server:
-    s = Server(memfs)
-    do_init(s)
-    return s
 
 
 def test_memfs_helpers_build_a_valid_lookup(server: Server, memfs: MemFS) -> None:

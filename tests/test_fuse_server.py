@@ -17,9 +17,7 @@ from fuse.filesystem import DirEntry, Entry, FileSystem, InitReply
 from fuse.io import BytesReader, BytesWriter
 from fuse.metrics import Metrics
 from fuse.server import Server
-from test_fuse_memfs import (  # noqa: F401 - fixtures are used by name
-    INIT_FLAGS_61, MemFS, cstr, do_init, init_body, memfs, request, send, server,
-)
+from test_fuse_memfs import INIT_FLAGS_61, MemFS, cstr, do_init, init_body, request, send
 
 OH = abi.OUT_HEADER.size
 
@@ -747,7 +745,7 @@ def test_readdirplus_pages_keep_lookup_counts_balanced(server: Server, memfs: Me
         ents = parse_dirents(r.payload, plus=True)
         if not ents:
             break
-        for ino, off, typ, name, entry in ents:
+        for _ino, _off, _typ, name, entry in ents:
             if name in (b".", b".."):
                 assert entry.nodeid == 0 and entry.entry_valid == 0
                 assert entry.attr == abi.ATTR.zero()

@@ -13,7 +13,7 @@ from devices.virtio.fs.options import FsOptions
 from devices.virtio.fs.passthrough import PassthroughFs
 from fuse import abi
 from fuse.filesystem import Context, Entry
-from tests.passthrough_support import errno_of, make_fs, share  # noqa: F401
+from tests.passthrough_support import errno_of, make_fs
 
 CTX = Context(uid=0, gid=0, pid=1)
 ROOT = 1

@@ -10,7 +10,7 @@ import pytest
 from fuse import abi
 from fuse.filesystem import Context
 from fuse.io import BytesReader, BytesWriter
-from tests.passthrough_support import errno_of, make_fs, share, sreq  # noqa: F401
+from tests.passthrough_support import errno_of, make_fs, sreq
 
 CTX = Context(uid=0, gid=0, pid=1)
 USER = Context(uid=1234, gid=2345, pid=2)

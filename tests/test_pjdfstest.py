@@ -58,4 +58,4 @@ def test_pjdfstest_has_only_the_listed_deviations(tmp_path, run):
     assert not cmp.unexpected and not cmp.not_run, report
     if cmp.now_passing:
         warnings.warn("pjdfstest: listed deviations pass now; delete them from "
-                      "tests/pjdfstest_expected.py:\n" + report)
+                      "tests/pjdfstest_expected.py:\n" + report, stacklevel=1)

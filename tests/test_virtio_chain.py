@@ -22,7 +22,7 @@ def chain_of(readable: list[bytes], writable: list[int], *, size: int = 16, indi
 
 
 def guest_reply(mem, outs, writable, n):
-    data = b"".join(mem.read(a, l) for a, l in zip(outs, writable))
+    data = b"".join(mem.read(a, n) for a, n in zip(outs, writable))
     return data[:n]
 
 

@@ -87,7 +87,7 @@ class Guest:
         self.wait_used(qi, want)
         used_id, used_len = q.used_elems()[-1]
         assert used_id == head
-        data = b"".join(self.mem.read(a, l) for a, l in zip(outs, writable))
+        data = b"".join(self.mem.read(a, n) for a, n in zip(outs, writable))
         return used_len, data[:used_len]
 
     def fuse(self, opcode: int, nodeid: int, args: bytes, out_size: int, *, payload=(),

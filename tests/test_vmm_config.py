@@ -33,10 +33,10 @@ def test_defaults_and_shipped_configs_load():
 def test_full_config(tmp_path):
     share = tmp_path / "share"
     share.mkdir()
-    p = write(tmp_path, f"""
-        vm: {{vcpus: 2, memory_mib: 96, discovery: both}}
-        kernel: {{path: auto, cmdline: "loglevel=4"}}
-        guest: {{script: "echo hi\\n", timeout: 30}}
+    p = write(tmp_path, """
+        vm: {vcpus: 2, memory_mib: 96, discovery: both}
+        kernel: {path: auto, cmdline: "loglevel=4"}
+        guest: {script: "echo hi\\n", timeout: 30}
         devices:
           - type: fs
             source: share

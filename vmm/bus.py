@@ -13,8 +13,9 @@ import threading
 from dataclasses import dataclass
 
 from devices.bus_device import BusDevice
+from fuse.logthrottle import LogThrottle
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 
 class BusError(ValueError):
@@ -39,7 +40,7 @@ class Bus:
         self.name = name
         self._ranges: list[BusRange] = []
         self._bases: list[int] = []
-        self._unclaimed_seen: set[int] = set()
+        self._log = LogThrottle(logger)
         self.unclaimed_accesses = 0
 
     def insert(self, base: int, length: int, device: BusDevice, name: str) -> None:
@@ -83,7 +84,5 @@ class Bus:
 
     def _unclaimed(self, addr: int, size: int, what: str) -> None:
         self.unclaimed_accesses += 1
-        if addr not in self._unclaimed_seen:
-            self._unclaimed_seen.add(addr)
-            log.debug("%s bus: unclaimed %d-byte %s at %#x (further ones not logged)",
-                      self.name, size, what, addr)
+        self._log.once(addr, logging.DEBUG, "%s bus: unclaimed %d-byte %s at %#x (further ones not logged)",
+                       self.name, size, what, addr)

@@ -12,16 +12,12 @@ import logging
 import sys
 from pathlib import Path
 
-from .config import (ConfigError, exec_to_script, load_config, parse_fs_option_items,
-                     parse_shared_dir, parse_vhost_user_fs, with_overrides)
+from devices.virtio.fs.options import FsOptions
+from devices.virtio.vhost_user.frontend import VhostUserFsOptions
 
-log = logging.getLogger("vmm")
-
+from .config import (ConfigError, exec_to_script, load_config, parse_shared_dir, parse_vhost_user_fs,
+                     with_overrides)
 from .errors import EXIT_FAILURE, EXIT_USAGE
-
-#: The tag of a fuse-mount share: it names the trace file and the metrics entry, as a
-#: shared directory's tag does in a VM.
-FUSE_MOUNT_TAG = "fuse-mount"
 
 
 def _progress(message: str) -> None:
@@ -130,7 +126,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not args.script.is_file():
             raise ConfigError(f"--script: {args.script} does not exist")
         script = args.script.read_text()
-    shares = [parse_shared_dir(s) for s in args.shared_dir]
+    shares: list[FsOptions | VhostUserFsOptions] = [parse_shared_dir(s) for s in args.shared_dir]
     shares += [parse_vhost_user_fs(s) for s in args.vhost_user_fs]
     config = with_overrides(config, vcpus=args.vcpus, memory_mib=args.memory, script=script,
                             shared_dirs=shares, kernel=args.kernel, cmdline=args.cmdline,
@@ -157,54 +153,11 @@ def cmd_device(args: argparse.Namespace) -> int:
     return run_fs_backend(args.socket, shared_dir=args.shared_dir, config=args.config, once=args.once,
                           metrics=args.metrics, control=args.control, progress=_progress)
 
+
 def cmd_fuse_mount(args: argparse.Namespace) -> int:
-    """Mount, serve until SIGINT/SIGTERM (or an unmount from outside), unmount, report."""
-    import signal
-    import threading
-
-    from devices.fusedev import HostShare, MountError
-
-    items = list(args.option)
-    if args.trace:
-        items += ["trace=true", f"trace_path={args.trace}"]
-    options = parse_fs_option_items("fuse-mount --option", args.source, FUSE_MOUNT_TAG, items)
-    stop = threading.Event()
-    signals: list[int] = []
-
-    def on_signal(signum, _frame):
-        signals.append(signum)
-        stop.set()
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        try:
-            share = HostShare(options, args.mountpoint)
-        except MountError as exc:
-            raise ConfigError(f"fuse-mount: {exc}") from None
-        try:
-            share.start()
-        except MountError as exc:
-            share.shutdown()
-            print(f"pyvmm: error: {exc}", file=sys.stderr)
-            return EXIT_FAILURE
-        _progress(f"serving {options.source} on {share.mountpoint} (fuse.pyvmm, "
-                  f"{share.threads} thread(s)); SIGINT or SIGTERM unmounts")
-        why = share.wait(stop)
-        clean = share.shutdown()
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-    if why == "stopped":
-        name = signal.Signals(signals[0]).name if signals else "stop"
-        _progress(f"{name}: unmounted {share.mountpoint}" + ("" if clean else
-                  " (it was still in use: connection aborted)"))
-    else:
-        _progress(f"{share.mountpoint} was unmounted; stopped serving")
-    if args.metrics:
-        args.metrics.write_text(json.dumps({
-            "exit_status": 0 if clean else EXIT_FAILURE, "stop": why,
-            "devices": {f"fs:{FUSE_MOUNT_TAG}": share.metrics()}}, indent=2, sort_keys=True) + "\n")
-    return 0 if clean else EXIT_FAILURE
+    from .fuse_mount import run_fuse_mount
+    return run_fuse_mount(args.source, args.mountpoint, option_items=args.option, trace=args.trace,
+                          metrics=args.metrics, progress=_progress)
 
 
 def cmd_guest(args: argparse.Namespace) -> int:

@@ -8,10 +8,12 @@ status 2 instead of failing halfway through a boot.
 from __future__ import annotations
 
 import difflib
+import functools
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
@@ -196,7 +198,7 @@ def fs_options(values: dict[str, Any], error: Callable[[str, str], Exception], b
     kwargs["source"] = str(path.resolve())
     for key in ("timeout", "negative_timeout"):
         if key in kwargs:
-            kwargs[key] = _seconds(kwargs[key], lambda msg, k=key: error(k, msg))
+            kwargs[key] = _seconds(kwargs[key], functools.partial(error, key))
     if kwargs.get("trace_path"):
         kwargs["trace_path"] = str(check_path(str(kwargs["trace_path"]), base, False, False,
                                               lambda msg: error("trace_path", msg)))
@@ -345,7 +347,7 @@ def parse_config(data: Any, source: str, base: Path) -> Config:
     s.finish()
 
     raw_devices = top.take("devices", list, [])
-    devices = []
+    devices: list[FsOptions | VhostUserFsOptions] = []
     for i, raw in enumerate(raw_devices):
         dev = _Section(raw, f"devices[{i}]", source)
         kind = dev.data.get("type")

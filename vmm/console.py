@@ -10,11 +10,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import BinaryIO, Callable
+from collections.abc import Callable
+from typing import BinaryIO
 
 from guest.console import ConsoleParser
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 MAX_LINE = 4096   # a guest that never prints a newline must not grow host memory without bound
 

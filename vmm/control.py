@@ -15,7 +15,7 @@ import socket
 import threading
 from typing import Any
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 MAX_REQUEST = 64 * 1024
 
@@ -36,7 +36,7 @@ class ControlServer:
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
         self._thread = threading.Thread(target=self._serve, name="control", daemon=True)
 
-    def __enter__(self) -> "ControlServer":
+    def __enter__(self) -> ControlServer:
         self._thread.start()
         return self
 
@@ -56,7 +56,7 @@ class ControlServer:
 
     def _serve(self) -> None:
         while True:
-            ready, _, _ = select.select([self.sock, self._stop_r], [], [])
+            ready, _, _ = select.select([self.sock.fileno(), self._stop_r], [], [])
             if self._stop_r in ready:
                 return
             conn, _ = self.sock.accept()
@@ -69,7 +69,7 @@ class ControlServer:
         while True:
             try:
                 chunk = conn.recv(4096)
-            except (socket.timeout, OSError):
+            except (TimeoutError, OSError):
                 return
             if not chunk:
                 return

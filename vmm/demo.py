@@ -11,9 +11,9 @@ from __future__ import annotations
 import io
 import json
 import tempfile
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
 
 from devices.virtio.fs.options import FsOptions
 

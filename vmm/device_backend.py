@@ -26,7 +26,7 @@ from devices.virtio.fs.options import FsOptions
 from .config import ConfigError, load_config, parse_shared_dir
 from .errors import EXIT_FAILURE
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 
 class _ControlTarget:

@@ -10,7 +10,7 @@ import logging
 
 from devices.memory import GuestMemoryAccess
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 PAGE_PRESENT = 1 << 0
 PAGE_SIZE_BIT = 1 << 7
@@ -45,6 +45,7 @@ def translate(memory: GuestMemoryAccess, cr3: int, vaddr: int, levels: int = 4) 
 
 
 def instruction_bytes(memory: GuestMemoryAccess, sregs, rip: int) -> bytes | None:
+    phys: int | None
     if not sregs.cr0 & CR0_PG:
         phys = rip
     elif sregs.efer & EFER_LMA:
@@ -83,7 +84,7 @@ def describe_vcpu(vcpu, memory: GuestMemoryAccess) -> str:
         code = instruction_bytes(memory, sregs, regs.rip)
     except Exception as exc:  # noqa: BLE001
         code = None
-        log.debug("cannot read instruction bytes: %s", exc)
+        logger.debug("cannot read instruction bytes: %s", exc)
     if code:
         lines.append(f"  bytes at rip: {code.hex(' ')}")
     else:

@@ -14,17 +14,19 @@ def user_error(exc: BaseException) -> tuple[str, int] | None:
     """(one-line message, exit status) for errors the user can act on; None for bugs."""
     from kvm_sys import KvmError
     from .boot import BootError
+    build_errors: tuple[type[BaseException], ...]
     try:
         from guest.build import BuildError
+        build_errors = (BuildError,)
     except ImportError:        # pragma: no cover - the builder is optional at import time
-        BuildError = ()        # type: ignore[assignment]
+        build_errors = ()
 
     from devices.virtio.vhost_user.frontend import VhostUserFrontendError
     if isinstance(exc, VhostUserFrontendError):  # missing, refusing or broken back-end
         return str(exc), EXIT_FAILURE
     if isinstance(exc, BootError):     # a kernel we cannot load is a configuration problem
         return f"cannot load the kernel: {exc}", EXIT_USAGE
-    if BuildError and isinstance(exc, BuildError):
+    if isinstance(exc, build_errors):
         return f"guest kernel build failed: {exc}", EXIT_FAILURE
     if isinstance(exc, KvmError):
         return f"KVM: {exc}", EXIT_FAILURE

@@ -17,14 +17,14 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO
 
 from devices.acpi_pm import AcpiPmDevice
 from devices.i8042 import I8042
 from devices.serial import Serial
-from devices.virtio.device import VirtioDevice
 from devices.virtio.fs.device import FsDevice
 from devices.virtio.fs.options import FsOptions
 from devices.virtio.mmio import VIRTIO_MMIO_QUEUE_NOTIFY, MmioTransport
@@ -44,7 +44,7 @@ from .exit_status import run_exit_status
 from .memory import GuestMemory, guest_ram
 from .vcpu import Stop, StopReason, VcpuThread, describe_thread
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 KVM_PVM_SYSFS = Path("/sys/module/kvm_pvm")
 
@@ -123,7 +123,7 @@ class Machine:
         with self._stop_lock:
             if self._stop is None:
                 self._stop = stop
-                log.debug("stop requested: %s %s", stop.reason.value, stop.detail)
+                logger.debug("stop requested: %s %s", stop.reason.value, stop.detail)
         self._stop_event.set()
 
     # ------------------------------------------------------------------ metrics
@@ -155,7 +155,7 @@ class Machine:
         if not acpi:
             parts.append("acpi=off")
         if on_kvm_pvm():
-            log.debug("kvm_pvm detected: adding %s", KVM_PVM_CMDLINE)
+            logger.debug("kvm_pvm detected: adding %s", KVM_PVM_CMDLINE)
             parts.append(KVM_PVM_CMDLINE)
         if self.config.vm.discovery in ("cmdline", "both"):
             parts += [f"virtio_mmio.device={VIRTIO_MMIO_CMDLINE_SIZE}@{base:#x}:{gsi}"
@@ -210,7 +210,7 @@ class Machine:
         rsdp = self._add_acpi(memory, pio, announced)
         self.cmdline = self.build_cmdline(announced, acpi=rsdp is not None)
         boot = load_kernel(memory, kernel, self.cmdline, self.initrd(), acpi_rsdp=rsdp)
-        log.debug("kernel %s (%s) entry %#x cmdline: %s", kernel, boot.kind, boot.entry, self.cmdline)
+        logger.debug("kernel %s (%s) entry %#x cmdline: %s", kernel, boot.kind, boot.entry, self.cmdline)
         threads = self._add_vcpus(stack, kvm, vm, memory, pio, mmio, boot)
         return _Built(threads=threads, sink=sink, serial=serial)
 
@@ -238,7 +238,7 @@ class Machine:
                                                             StopReason.CONTROL):
             # A guest that had to be stopped from outside: say where each vCPU was.
             self.vcpu_report = "\n".join(describe_thread(t) for t in threads)
-            log.warning("vCPU state at stop:\n%s", self.vcpu_report)
+            logger.warning("vCPU state at stop:\n%s", self.vcpu_report)
         if sink.first_agent_line_at is not None:
             timings["to_agent_s"] = sink.first_agent_line_at - started
         if sink.exit_line_at is not None:
@@ -297,7 +297,7 @@ class Machine:
         return announced
 
     def _make_fs_device(self, stack: contextlib.ExitStack, options: FsOptions | VhostUserFsOptions,
-                        memory: GuestMemory) -> VirtioDevice:
+                        memory: GuestMemory) -> FsDevice | VhostUserFsFrontend:
         """A virtio-fs device served here (`type: fs`), or a front-end for a back-end process
         (`type: vhost-user-fs`: connects and negotiates now, so a missing or refusing back-end
         ends the run before the guest starts, with one line naming its socket)."""
@@ -347,7 +347,7 @@ class Machine:
                         signal.pthread_kill(t.ident, signal.SIGUSR1)
             for t in alive:
                 t.join(0.05)
-        log.error("vCPU threads did not stop: %s", [t.name for t in threads if t.is_alive()])
+        logger.error("vCPU threads did not stop: %s", [t.name for t in threads if t.is_alive()])
 
     @contextlib.contextmanager
     def _signals(self):

@@ -33,15 +33,16 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import BinaryIO
 
 from devices.virtio.fs.options import FsOptions
 
 from .config import Config, GuestConfig, KernelConfig, parse_shared_dir
 from .console import ConsoleSink
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 QEMU = "qemu-system-x86_64"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -82,7 +83,7 @@ class _ServerProcess:
 
     def __init__(self) -> None:
         self.proc: subprocess.Popen | None = None
-        self._log = None
+        self._log: BinaryIO | None = None
 
     def command(self) -> list[str]:
         raise NotImplementedError

@@ -7,8 +7,8 @@ build it from arguments. This module is that second path, in one place.
 from __future__ import annotations
 
 import io
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 from devices.virtio.fs.options import FsOptions
 

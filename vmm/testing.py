@@ -29,9 +29,10 @@ guest's console and exit message.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 import pytest
 
@@ -161,12 +162,12 @@ class GuestResult:
             raw = self.run_result.metrics[f"fs:{tag}"]
         except KeyError:
             known = sorted(k[3:] for k in self.run_result.metrics if k.startswith("fs:"))
-            raise KeyError(f"no shared directory tagged {tag!r} in this run (tags: {known})")
+            raise KeyError(f"no shared directory tagged {tag!r} in this run (tags: {known})") from None
         if "ops" not in raw:
             raise KeyError(f"the server of share {tag!r} keeps no request counters (C virtiofsd)")
         return DeviceStats(tag, raw)
 
-    def check(self) -> "GuestResult":
+    def check(self) -> GuestResult:
         """Raise AssertionError (with the console tail) unless the script ran to exit 0 with
         every step as expected and no guest fault."""
         failed = [s.raw for s in self.run_result.steps if not s.ok]
@@ -244,6 +245,7 @@ class _BackendServers:
         from devices.virtio.vhost_user.frontend import VhostUserFsOptions
         from vmm.qemu import BackendProcess, VirtiofsdProcess
 
+        server: BackendProcess | VirtiofsdProcess
         if transport == "vhost-user":
             server = BackendProcess(options, self.workdir)
         else:

@@ -9,12 +9,12 @@ virtqueue notifications go through ioeventfds and never stop a vCPU. Every exit 
 from __future__ import annotations
 
 import collections
-import errno
 import enum
+import errno
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from devices.memory import GuestMemoryAccess
 from kvm_sys import (FailEntryExit, InternalErrorExit, IoExit, KvmError, MmioExit, SystemEventExit, Vcpu,
@@ -24,7 +24,7 @@ from kvm_sys import bindings as kb
 from .bus import Bus
 from .diagnostics import describe_vcpu
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 
 class StopReason(enum.Enum):
@@ -70,7 +70,7 @@ class VcpuThread(threading.Thread):
         try:
             self._loop()
         except Exception as exc:  # noqa: BLE001 - a vCPU thread must report, never die silently
-            log.exception("vcpu%d: unexpected error", self.vcpu.index)
+            logger.exception("vcpu%d: unexpected error", self.vcpu.index)
             self.on_stop(Stop(StopReason.VCPU_ERROR, f"vcpu{self.vcpu.index}: {exc}"))
 
     def _loop(self) -> None:
@@ -126,7 +126,7 @@ class VcpuThread(threading.Thread):
     def _handle_io(self, ex: IoExit) -> None:
         size, count, data, port = ex.size, ex.count, ex.data, ex.port
         if size not in (1, 2, 4) or len(data) != size * count:
-            log.warning("vcpu%d: malformed I/O exit (size %d, count %d)", self.vcpu.index, size, count)
+            logger.warning("vcpu%d: malformed I/O exit (size %d, count %d)", self.vcpu.index, size, count)
             return
         if ex.is_out:
             if count == 1:
@@ -145,7 +145,7 @@ class VcpuThread(threading.Thread):
         data = ex.data
         length = len(data)
         if not 1 <= length <= 8:
-            log.warning("vcpu%d: malformed MMIO exit at %#x (len %d)", self.vcpu.index, ex.address,
+            logger.warning("vcpu%d: malformed MMIO exit at %#x (len %d)", self.vcpu.index, ex.address,
                         length)
             return
         if ex.is_write:

@@ -12,7 +12,8 @@ something.  What the kernel's device says (``fs/fuse/dev.c``):
 
 FORGET, BATCH_FORGET and INTERRUPT get no reply: the server writes nothing for them, and nothing
 is sent.  Every other request is answered, if need be with EIO from here: a request the server
-could not answer would otherwise leave its caller waiting until the connection is aborted.  Several threads may serve one connection; ``fuse.Server.handle`` is thread-safe.
+could not answer would otherwise leave its caller waiting until the connection is aborted.  Several
+threads may serve one connection; ``fuse.Server.handle`` is thread-safe.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ import select
 import threading
 from dataclasses import asdict, dataclass, field
 
-from devices.virtio.device import LogOnce
 from fuse import abi
+from fuse.logthrottle import LogThrottle
 
 from .buffers import ReplyBuffer, RequestBuffer
 
@@ -77,7 +78,7 @@ class FuseSession:
         self.name = name
         self.counters = FuseDevCounters()
         self._count_lock = threading.Lock()
-        self._log = LogOnce(logger)
+        self._log = LogThrottle(logger)
         self._stopping = False
         self._disconnected = threading.Event()
         self._stop_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -159,8 +160,8 @@ class FuseSession:
                 self._disconnected.set()
                 return False
             self._count("errors")
-            self._log(f"read:{e.errno}", "%s: read from /dev/fuse failed: %s; stopping this "
-                      "thread", self.name, e, level=logging.ERROR)
+            self._log.once(f"read:{e.errno}", logging.ERROR, "%s: read from /dev/fuse failed: %s; stopping this "
+                           "thread", self.name, e)
             return False
         if n == 0:                           # not expected from /dev/fuse; treat as gone
             self._disconnected.set()
@@ -173,8 +174,8 @@ class FuseSession:
                                          should_stop=self.stop_requested)
         except Exception as e:  # noqa: BLE001 - handle() should never raise; never die for it
             self._count("errors")
-            self._log(f"handler:{type(e).__name__}", "%s: request failed (%s: %s); replying "
-                      "EIO", self.name, type(e).__name__, e, level=logging.ERROR)
+            self._log.once(f"handler:{type(e).__name__}", logging.ERROR, "%s: request failed (%s: %s); replying "
+                           "EIO", self.name, type(e).__name__, e)
             return self._send_error(me, errno.EIO) if self._needs_reply(me.request, n) else True
         if not written:
             if self._needs_reply(me.request, n):
@@ -193,8 +194,8 @@ class FuseSession:
                 self._disconnected.set()
                 return False
             self._count("errors")
-            self._log(f"write:{e.errno}", "%s: the kernel refused a reply of %d bytes (%s); "
-                      "replying EIO", self.name, written, e, level=logging.ERROR)
+            self._log.once(f"write:{e.errno}", logging.ERROR, "%s: the kernel refused a reply of %d bytes (%s); "
+                           "replying EIO", self.name, written, e)
             # A reply refused for its form (EINVAL) leaves the request pending in the kernel.
             return self._send_error(me, errno.EIO)
         self._count("replies")
@@ -218,8 +219,8 @@ class FuseSession:
                 self._disconnected.set()
                 return False
             if e.errno != errno.ENOENT:
-                self._log(f"write-error:{e.errno}", "%s: could not send an error reply: %s",
-                          self.name, e, level=logging.ERROR)
+                self._log.once(f"write-error:{e.errno}", logging.ERROR, "%s: could not send an error reply: %s",
+                               self.name, e)
             return True
         self._count("replies")
         return True

@@ -38,8 +38,8 @@ import stat
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 from . import _sys, capabilities, namespaces, seccomp
 from .spec import JailError, JailSpec
@@ -58,9 +58,9 @@ class Jail:
 
     spec: JailSpec
     #: O_PATH fd of the private procfs root (namespace/chroot modes), else None.
-    proc_fd: Optional[int]
+    proc_fd: int | None
     #: Capability mask kept (None: untouched).
-    caps: Optional[int]
+    caps: int | None
 
     @property
     def proc_root(self) -> str:
@@ -72,7 +72,7 @@ class Jail:
 # ------------------------------------------------------------------------------ entering
 
 
-def enter(spec: JailSpec, *, report_fd: Optional[int] = None) -> Jail:
+def enter(spec: JailSpec, *, report_fd: int | None = None) -> Jail:
     """Jail the calling process as `spec` says and return in the jailed process.
 
     In namespace/chroot modes the calling process forks; the caller's process becomes the relay
@@ -101,7 +101,7 @@ def enter(spec: JailSpec, *, report_fd: Optional[int] = None) -> Jail:
         os._exit(EXIT_SETUP_FAILED)
 
 
-def _lock_down(spec: JailSpec, proc_fd: Optional[int], report_fd: Optional[int]) -> Jail:
+def _lock_down(spec: JailSpec, proc_fd: int | None, report_fd: int | None) -> Jail:
     """Steps 3-7 of the module docstring."""
     keep = {0, 1, 2, *spec.keep_fds}
     if proc_fd is not None:
@@ -124,7 +124,7 @@ def _lock_down(spec: JailSpec, proc_fd: Optional[int], report_fd: Optional[int])
     if want is not None:
         # capset and no_new_privs act on the calling thread only: another thread would keep
         # everything (seccomp's TSYNC covers threads, capabilities do not).
-        threads = os.listdir(("self/task" if proc_fd is not None else "/proc/self/task"))
+        threads = os.listdir("self/task" if proc_fd is not None else "/proc/self/task")
         if len(threads) != 1:
             raise JailError(f"{len(threads)} threads: jail a process before it starts threads")
         kept = capabilities.drop_to(want)
@@ -175,7 +175,7 @@ def _set_nofile(n: int) -> None:
 # ------------------------------------------------------------------------------ the relay
 
 
-def _relay(pid: int, report_fd: Optional[int]) -> None:
+def _relay(pid: int, report_fd: int | None) -> None:
     """The caller's side after the PID-namespace fork: report the pid, wait, mirror the exit."""
     code = 1
     try:
@@ -193,13 +193,13 @@ def _relay(pid: int, report_fd: Optional[int]) -> None:
             except ChildProcessError:
                 os._exit(1)
         if os.WIFSIGNALED(status):
-            sig = os.WTERMSIG(status)
+            signum = os.WTERMSIG(status)
             resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-            if sig not in (signal.SIGKILL, signal.SIGSTOP):   # these have no handler to reset
-                signal.signal(sig, signal.SIG_DFL)
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, [sig])
-            os.kill(os.getpid(), sig)
-            code = 128 + sig
+            if signum not in (signal.SIGKILL, signal.SIGSTOP):   # these have no handler to reset
+                signal.signal(signum, signal.SIG_DFL)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, [signum])
+            os.kill(os.getpid(), signum)
+            code = 128 + signum
         else:
             code = os.waitstatus_to_exitcode(status)
     finally:
@@ -218,7 +218,7 @@ def _write_all(fd: int, data: bytes) -> None:
         data = data[os.write(fd, data):]
 
 
-def _report_error(report_fd: Optional[int]) -> None:
+def _report_error(report_fd: int | None) -> None:
     text = traceback.format_exc()
     try:
         os.write(2, f"pyvmm jail: setup failed:\n{text}".encode())
@@ -245,15 +245,15 @@ class JailedChild:
     def __init__(self, pid: int, jailed_pid: int) -> None:
         self.pid = pid
         self.jailed_pid = jailed_pid
-        self.returncode: Optional[int] = None
-        self._pidfd: Optional[int] = os.pidfd_open(pid)
+        self.returncode: int | None = None
+        self._pidfd: int | None = os.pidfd_open(pid)
 
     def fileno(self) -> int:
         if self._pidfd is None:
             raise ValueError("child already reaped")
         return self._pidfd
 
-    def poll(self) -> Optional[int]:
+    def poll(self) -> int | None:
         """Exit code (negative: killed by that signal) or None while running."""
         if self.returncode is None:
             pid, status = os.waitpid(self.pid, os.WNOHANG)
@@ -261,7 +261,7 @@ class JailedChild:
                 self._reaped(status)
         return self.returncode
 
-    def wait(self, timeout: Optional[float] = None) -> Optional[int]:
+    def wait(self, timeout: float | None = None) -> int | None:
         """Wait up to `timeout` seconds (None: forever); returns poll()."""
         if self.returncode is None and self._pidfd is not None:
             r, _, _ = select.select([self._pidfd], [], [], timeout)
@@ -292,14 +292,14 @@ class JailedChild:
             os.close(self._pidfd)
             self._pidfd = None
 
-    def __enter__(self) -> "JailedChild":
+    def __enter__(self) -> JailedChild:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
 
-def spawn_jailed(target: Callable[[Jail], Optional[int]], spec: JailSpec) -> JailedChild:
+def spawn_jailed(target: Callable[[Jail], int | None], spec: JailSpec) -> JailedChild:
     """Fork a child, jail it as `spec` says, and run ``target(jail)`` in it.
 
     Returns once the jail is in place (the target may already be running); the child exits with
@@ -328,7 +328,7 @@ def spawn_jailed(target: Callable[[Jail], Optional[int]], spec: JailSpec) -> Jai
     return child
 
 
-def _child(target: Callable[[Jail], Optional[int]], spec: JailSpec, r: int, w: int) -> None:
+def _child(target: Callable[[Jail], int | None], spec: JailSpec, r: int, w: int) -> None:
     code = 1
     try:
         os.close(r)

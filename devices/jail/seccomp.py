@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import ctypes
 import errno
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Union
 
 from . import _sys
 from .syscall_table import MAX_KNOWN, SYSCALLS
@@ -131,7 +131,7 @@ class ArgIn:
     why: str = ""
 
 
-Rule = Union[None, Errno, ArgMaskEq, ArgIn]   # None = allow
+Rule = Errno | ArgMaskEq | ArgIn | None   # None = allow
 
 
 def _rule_code(rule: Rule, default: int) -> list[Insn]:
@@ -216,7 +216,7 @@ def compile_filter(rules: dict[int, Rule], default: int) -> list[Insn]:
     return prog
 
 
-def rules_by_number(allowed: dict[str, Rule]) -> dict[int, Rule]:
+def rules_by_number(allowed: Mapping[str, Rule]) -> dict[int, Rule]:
     """Syscall names -> numbers (an unknown name is a ValueError: a typo must not pass)."""
     out: dict[int, Rule] = {}
     for name, rule in allowed.items():

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Optional
 
 from . import capabilities, policy
 from .seccomp import ACTIONS, Rule
@@ -40,14 +39,14 @@ class JailSpec:
     hostname: the new UTS namespace's host name.
     """
 
-    root: Optional[str] = None
+    root: str | None = None
     mode: str = "namespace"
-    keep_caps: Optional[frozenset[str]] = capabilities.FS_DEVICE_CAPS
+    keep_caps: frozenset[str] | None = capabilities.FS_DEVICE_CAPS
     allow_mknod: bool = False
     allow_setfcap: bool = False
-    seccomp_action: Optional[str] = "errno"
-    syscalls: Optional[Mapping[str, Rule]] = None
-    max_open_files: Optional[int] = None
+    seccomp_action: str | None = "errno"
+    syscalls: Mapping[str, Rule] | None = None
+    max_open_files: int | None = None
     keep_fds: tuple[int, ...] = ()
     hostname: str = "pyvmm-jail"
     no_new_privs: bool = field(default=True)
@@ -75,11 +74,11 @@ class JailSpec:
             raise ValueError("a seccomp filter needs no_new_privs")
 
     @classmethod
-    def unconfined(cls) -> "JailSpec":
+    def unconfined(cls) -> JailSpec:
         """``sandbox: none``: nothing at all is changed."""
         return cls(mode="none", keep_caps=None, seccomp_action=None, no_new_privs=False)
 
-    def caps_mask(self) -> Optional[int]:
+    def caps_mask(self) -> int | None:
         if self.keep_caps is None:
             return None
         extra = set()

@@ -7,11 +7,10 @@ can be put behind another transport, and the transport knows nothing of file sys
 
 from __future__ import annotations
 
-import logging
 from abc import ABC, abstractmethod
 
 from devices.memory import GuestMemoryAccess
-from devices.virtio.interrupt import Interrupt
+from devices.virtio.interrupt import VirtioInterrupt
 from devices.virtio.queue import VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, Queue
 
 # linux/virtio_config.h
@@ -28,21 +27,6 @@ VIRTIO_ID_FS = 26
 
 # What every device here supports: the modern interface and both ring features queue.py implements.
 BASE_FEATURES = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_INDIRECT_DESC) | (1 << VIRTIO_RING_F_EVENT_IDX)
-
-
-class LogOnce:
-    """Logs each kind of guest-caused problem once per object, so a hostile or buggy guest cannot
-    flood the host log (the counters in metrics() still show how often it happened)."""
-
-    def __init__(self, logger: logging.Logger) -> None:
-        self._logger = logger
-        self._seen: set[str] = set()
-
-    def __call__(self, kind: str, msg: str, *args: object, level: int = logging.WARNING) -> None:
-        if kind in self._seen:
-            return
-        self._seen.add(kind)
-        self._logger.log(level, msg, *args, stacklevel=2)
 
 
 class VirtioDevice(ABC):
@@ -81,7 +65,7 @@ class VirtioDevice(ABC):
         raise PermissionError("device config space is read-only")
 
     @abstractmethod
-    def activate(self, memory: GuestMemoryAccess, interrupt: Interrupt, queues: list[Queue | None],
+    def activate(self, memory: GuestMemoryAccess, interrupt: VirtioInterrupt, queues: list[Queue | None],
                  queue_events: list[int]) -> None:
         """DRIVER_OK: start serving. `queues[i]` is None for a queue the driver left disabled;
         `queue_events[i]` is the eventfd signalled when the driver notifies queue i."""

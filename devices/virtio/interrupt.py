@@ -14,6 +14,8 @@ import os
 import threading
 from typing import Protocol
 
+from fuse.logthrottle import LogThrottle
+
 logger = logging.getLogger(__name__)
 
 # linux/virtio_mmio.h
@@ -44,7 +46,7 @@ class Interrupt:
         self._status = 0
         self._needs_reset = False
         self._signals = 0
-        self._write_failed_logged = False
+        self._log = LogThrottle(logger)
 
     @property
     def status(self) -> int:
@@ -72,9 +74,8 @@ class Interrupt:
         try:
             os.eventfd_write(self.irq_fd, 1)
         except OSError as e:
-            if not self._write_failed_logged:
-                self._write_failed_logged = True
-                logger.error("virtio interrupt: irqfd %d write failed: %s", self.irq_fd, e)
+            self._log.once("irqfd-write", logging.ERROR, "virtio interrupt: irqfd %d write failed: %s",
+                           self.irq_fd, e)
 
     def signal_used_queue(self, queue_index: int = 0) -> None:
         """Tell the driver that used ring `queue_index` has new entries.

@@ -36,7 +36,6 @@ from dataclasses import dataclass
 
 from devices.memory import GuestMemoryAccess
 from devices.virtio.device import (
-    LogOnce,
     VIRTIO_CONFIG_S_ACKNOWLEDGE,
     VIRTIO_CONFIG_S_DRIVER,
     VIRTIO_CONFIG_S_DRIVER_OK,
@@ -139,8 +138,8 @@ class MmioTransport:
         self.memory = memory
         self.interrupt = Interrupt(irq_fd)
         self._lock = threading.Lock()  # vCPU threads may access the window concurrently
-        self._log = LogOnce(logger)
-        self._sampled = LogThrottle(logger)  # events a guest can repeat with every reset
+        # Bad accesses once per kind (.once); events a guest can repeat with every reset (.sample).
+        self._log = LogThrottle(logger)
         self._offered = device.device_features()
         if not self._offered >> VIRTIO_F_VERSION_1 & 1:
             raise ValueError("a virtio 1.x device must offer VIRTIO_F_VERSION_1")
@@ -199,7 +198,8 @@ class MmioTransport:
     def read(self, offset: int, size: int) -> bytes:
         if offset >= VIRTIO_MMIO_CONFIG:
             if size not in (1, 2, 4, 8) or offset + size > MMIO_SIZE:
-                self._log(f"cfg-read-{size}", "virtio-mmio: bad config read offset=%#x size=%d", offset, size)
+                self._log.once(f"cfg-read-{size}", logging.WARNING,
+                               "virtio-mmio: bad config read offset=%#x size=%d", offset, size)
                 return b"\xff" * max(size, 0)
             try:
                 return self.device.read_config(offset - VIRTIO_MMIO_CONFIG, size)
@@ -207,8 +207,9 @@ class MmioTransport:
                 _guest_log.bug("virtio-mmio read_config", e, "reading 0xff")
                 return b"\xff" * size
         if size != 4 or offset % 4:
-            self._log(f"read-width-{offset:#x}-{size}", "virtio-mmio: ignoring %d-byte read at %#x "
-                      "(registers are 32-bit)", size, offset)
+            self._log.once(f"read-width-{offset:#x}-{size}", logging.WARNING,
+                           "virtio-mmio: ignoring %d-byte read at %#x "
+                           "(registers are 32-bit)", size, offset)
             return b"\xff" * max(size, 0)
         with self._lock:
             value = self._read_register(offset)
@@ -218,18 +219,21 @@ class MmioTransport:
         size = len(data)
         if offset >= VIRTIO_MMIO_CONFIG:
             if size not in (1, 2, 4, 8) or offset + size > MMIO_SIZE:
-                self._log(f"cfg-write-{size}", "virtio-mmio: bad config write offset=%#x size=%d", offset, size)
+                self._log.once(f"cfg-write-{size}", logging.WARNING,
+                               "virtio-mmio: bad config write offset=%#x size=%d", offset, size)
                 return
             try:
                 self.device.write_config(offset - VIRTIO_MMIO_CONFIG, bytes(data))
             except PermissionError:
-                self._log("cfg-ro", "virtio-mmio: ignoring write to read-only config space at %#x", offset)
+                self._log.once("cfg-ro", logging.WARNING,
+                               "virtio-mmio: ignoring write to read-only config space at %#x", offset)
             except Exception as e:
                 _guest_log.bug("virtio-mmio write_config", e, "write ignored")
             return
         if size != 4 or offset % 4:
-            self._log(f"write-width-{offset:#x}-{size}", "virtio-mmio: ignoring %d-byte write at %#x "
-                      "(registers are 32-bit)", size, offset)
+            self._log.once(f"write-width-{offset:#x}-{size}", logging.WARNING,
+                           "virtio-mmio: ignoring %d-byte write at %#x "
+                           "(registers are 32-bit)", size, offset)
             return
         value = struct.unpack("<I", data)[0]
         if offset == VIRTIO_MMIO_QUEUE_NOTIFY:  # hot path, no state involved
@@ -288,7 +292,8 @@ class MmioTransport:
             return _ALL_ONES  # no shared memory region (no DAX window): Linux checks for all ones
         if offset == VIRTIO_MMIO_CONFIG_GENERATION:
             return self.config_generation
-        self._log(f"read-{offset:#x}", "virtio-mmio: read of unknown/write-only register %#x", offset)
+        self._log.once(f"read-{offset:#x}", logging.WARNING,
+                       "virtio-mmio: read of unknown/write-only register %#x", offset)
         return _ALL_ONES
 
     def _write_register(self, offset: int, value: int) -> None:
@@ -311,36 +316,42 @@ class MmioTransport:
         elif offset == VIRTIO_MMIO_SHM_SEL:
             self.shm_sel = value
         else:
-            self._log(f"write-{offset:#x}", "virtio-mmio: write %#x to read-only/unknown register %#x",
-                      value, offset)
+            self._log.once(f"write-{offset:#x}", logging.WARNING,
+                           "virtio-mmio: write %#x to read-only/unknown register %#x",
+                           value, offset)
 
     def _write_driver_features(self, value: int) -> None:
         if self.status & VIRTIO_CONFIG_S_FEATURES_OK or not self.status & VIRTIO_CONFIG_S_DRIVER:
-            self._log("features-late", "virtio-mmio: DriverFeatures written in status %#x, ignored",
-                      self.status)
+            self._log.once("features-late", logging.WARNING,
+                           "virtio-mmio: DriverFeatures written in status %#x, ignored",
+                           self.status)
             return
         if self.driver_features_sel > 1:
             if value:
-                self._log("features-page", "virtio-mmio: driver set features in page %d we never "
-                          "offered, dropped", self.driver_features_sel)
+                self._log.once("features-page", logging.WARNING,
+                               "virtio-mmio: driver set features in page %d we never "
+                               "offered, dropped", self.driver_features_sel)
             return
         self.driver_features = _set_half(self.driver_features, value, self.driver_features_sel == 1)
 
     def _write_queue_register(self, offset: int, value: int) -> None:
         q = self._selected_queue()
         if q is None:
-            self._log("queue-sel", "virtio-mmio: queue register %#x written for missing queue %d",
-                      offset, self.queue_sel)
+            self._log.once("queue-sel", logging.WARNING,
+                           "virtio-mmio: queue register %#x written for missing queue %d",
+                           offset, self.queue_sel)
             return
         if self.status & VIRTIO_CONFIG_S_DRIVER_OK:
-            self._log("queue-live", "virtio-mmio: queue register %#x written after DRIVER_OK, ignored", offset)
+            self._log.once("queue-live", logging.WARNING,
+                           "virtio-mmio: queue register %#x written after DRIVER_OK, ignored", offset)
             return
         if offset == VIRTIO_MMIO_QUEUE_READY:
             q.ready = bool(value & 1)
             return
         if q.ready:
-            self._log("queue-ready", "virtio-mmio: queue %d register %#x written while ready, ignored",
-                      self.queue_sel, offset)
+            self._log.once("queue-ready", logging.WARNING,
+                           "virtio-mmio: queue %d register %#x written while ready, ignored",
+                           self.queue_sel, offset)
             return
         if offset == VIRTIO_MMIO_QUEUE_NUM:
             q.size = value  # validated at DRIVER_OK
@@ -353,12 +364,12 @@ class MmioTransport:
 
     def _notify(self, value: int) -> None:
         if not 0 <= value < len(self.queue_events) or self._closed:
-            self._log("notify", "virtio-mmio: notify for unknown queue %d", value)
+            self._log.once("notify", logging.WARNING, "virtio-mmio: notify for unknown queue %d", value)
             return
         try:
             os.eventfd_write(self.queue_events[value], 1)
         except (OSError, IndexError) as e:  # racing close(): the device is going away anyway
-            self._log("notify-closed", "virtio-mmio: notify for queue %d dropped: %s", value, e)
+            self._log.once("notify-closed", logging.WARNING, "virtio-mmio: notify for queue %d dropped: %s", value, e)
 
     # -- device status ------------------------------------------------------------------------------
     def _write_status(self, value: int) -> None:
@@ -368,15 +379,17 @@ class MmioTransport:
         value &= _DRIVER_STATUS_BITS
         old = self.status
         if old & ~value & _DRIVER_STATUS_BITS:
-            self._log("status-clear", "virtio-mmio: status %#x -> %#x clears bits without a reset, "
-                      "ignored", old, value)
+            self._log.once("status-clear", logging.WARNING,
+                           "virtio-mmio: status %#x -> %#x clears bits without a reset, "
+                           "ignored", old, value)
             return
         new = old
         for bit, prereq in _STATUS_PREREQ.items():
             if value & bit and not old & bit:
                 if prereq and not new & prereq:
-                    self._log(f"status-order-{bit}", "virtio-mmio: status bit %#x set before %#x, ignored",
-                              bit, prereq)
+                    self._log.once(f"status-order-{bit}", logging.WARNING,
+                                   "virtio-mmio: status bit %#x set before %#x, ignored",
+                                   bit, prereq)
                     continue
                 if bit == VIRTIO_CONFIG_S_FEATURES_OK and not self._features_ok():
                     continue  # the driver re-reads Status and sees FEATURES_OK missing
@@ -385,9 +398,9 @@ class MmioTransport:
                     self.status = new
                     self._activate()
         if value & VIRTIO_CONFIG_S_FAILED and not old & VIRTIO_CONFIG_S_FAILED:
-            self._sampled.sample("failed", logging.WARNING,
-                                 "virtio-mmio: driver gave up on device type %d (FAILED)",
-                                 self.device.device_type)
+            self._log.sample("failed", logging.WARNING,
+                             "virtio-mmio: driver gave up on device type %d (FAILED)",
+                             self.device.device_type)
             new |= VIRTIO_CONFIG_S_FAILED
             if self.activated:
                 self.device.reset()  # the guest will not use it any more; stop serving
@@ -396,12 +409,14 @@ class MmioTransport:
     def _features_ok(self) -> bool:
         acked = self.acked_features
         if self.driver_features & ~self._offered:
-            self._log("features-extra", "virtio-mmio: driver acked unoffered features %#x, dropped",
-                      self.driver_features & ~self._offered)
+            self._log.once("features-extra", logging.WARNING,
+                           "virtio-mmio: driver acked unoffered features %#x, dropped",
+                           self.driver_features & ~self._offered)
         self.driver_features = acked
         if not acked >> VIRTIO_F_VERSION_1 & 1:
-            self._log("no-version-1", "virtio-mmio: driver did not accept VIRTIO_F_VERSION_1; refusing "
-                      "FEATURES_OK (legacy drivers are not supported)")
+            self._log.once("no-version-1", logging.WARNING,
+                           "virtio-mmio: driver did not accept VIRTIO_F_VERSION_1; refusing "
+                           "FEATURES_OK (legacy drivers are not supported)")
             return False
         self.device.ack_features(acked)
         return True
@@ -427,9 +442,9 @@ class MmioTransport:
                 raise QueueConfigError("DRIVER_OK with no queue ready")
             self.device.activate(self.memory, self.interrupt, queues, list(self.queue_events))
         except Exception as e:  # QueueConfigError, or a device that could not start
-            self._sampled.sample("activate", logging.ERROR,
-                                 "virtio-mmio: cannot activate device type %d: %s; setting "
-                                 "DEVICE_NEEDS_RESET", self.device.device_type, e)
+            self._log.sample("activate", logging.ERROR,
+                             "virtio-mmio: cannot activate device type %d: %s; setting "
+                             "DEVICE_NEEDS_RESET", self.device.device_type, e)
             for q in queues:
                 if q is not None:
                     q.close()

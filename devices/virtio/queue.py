@@ -18,9 +18,9 @@ used ring 4), so every 16-bit field sits at an even address, and `_U16` ("<H") o
 is served by CPython's native unpack/pack functions (the struct module swaps them into its
 little-endian table when the sizes match), each a fixed-size 2-byte memcpy that compiles to a single
 16-bit load or store (`movzwl` / `movw` in this host's _struct module). Aligned 16-bit accesses are
-atomic on x86 (Intel SDM vol. 3A, "Guaranteed Atomic Operations"), so we read the old index or the new one, never a mix of their
-bytes; an old one is harmless, as the next notification (or the EVENT_IDX re-check in `pop`) reads it
-again.
+atomic on x86 (Intel SDM vol. 3A, "Guaranteed Atomic Operations"), so we read the old index or the
+new one, never a mix of their bytes; an old one is harmless, as the next notification (or the
+EVENT_IDX re-check in `pop`) reads it again.
 """
 
 from __future__ import annotations

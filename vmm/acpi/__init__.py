@@ -108,8 +108,6 @@ def build_acpi_tables(
     tables["RSD PTR "] = (layout.RSDP_ADDR, build_rsdp(xsdt_addr))
 
     blobs = sorted(tables.values())
-    logger.debug(
-        "ACPI tables: %s",
-        ", ".join(f"{sig.strip()}@{addr:#x}+{len(data)}" for sig, (addr, data) in sorted(tables.items(), key=lambda kv: kv[1][0])),
-    )
+    by_addr = sorted(tables.items(), key=lambda kv: kv[1][0])
+    logger.debug("ACPI tables: %s", ", ".join(f"{sig.strip()}@{addr:#x}+{len(data)}" for sig, (addr, data) in by_addr))
     return AcpiTables(blobs=blobs, rsdp_addr=layout.RSDP_ADDR, tables=tables)

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import re
 import struct
-from typing import Iterable, Union
+from collections.abc import Iterable
 
-AmlValue = Union[int, str, bytes]
+AmlValue = int | str | bytes
 
 # Opcodes (ACPI 6.5 sec. 20.3).
 ZERO_OP = 0x00

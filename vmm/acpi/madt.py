@@ -45,7 +45,8 @@ def build_madt(vcpus: int, *, irq0_override: bool = False, lapic_nmi: bool = Fal
     body += IO_APIC.pack(TYPE_IO_APIC, IO_APIC.size, IOAPIC_ID, 0, layout.IOAPIC_ADDR, IOAPIC_GSI_BASE)
     if irq0_override:
         # ISA bus 0, IRQ 0 -> GSI 2, flags 0 = conforms to the bus (edge, active high).
-        body += INTERRUPT_SOURCE_OVERRIDE.pack(TYPE_INTERRUPT_SOURCE_OVERRIDE, INTERRUPT_SOURCE_OVERRIDE.size, 0, 0, 2, 0)
+        body += INTERRUPT_SOURCE_OVERRIDE.pack(TYPE_INTERRUPT_SOURCE_OVERRIDE, INTERRUPT_SOURCE_OVERRIDE.size,
+                                               0, 0, 2, 0)
     for cpu in range(vcpus):
         body += LOCAL_APIC.pack(TYPE_LOCAL_APIC, LOCAL_APIC.size, cpu, cpu, LOCAL_APIC_ENABLED)
     if lapic_nmi:

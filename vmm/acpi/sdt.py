@@ -21,7 +21,7 @@ _HEADER = struct.Struct("<4sIBB6s8sI4sI")
 assert _HEADER.size == HEADER_SIZE
 
 
-def checksum(data: bytes) -> int:
+def checksum(data: bytes | bytearray) -> int:
     """The byte that makes the 8-bit sum of `data` (with that byte added) zero."""
     return (-sum(data)) & 0xFF
 

@@ -106,7 +106,7 @@ def load_kernel(memory: GuestMemory, kernel_path: str | os.PathLike, cmdline: st
     memory.write(layout.ZERO_PAGE_ADDR, zp.to_bytes())
     paging.write_boot_tables(memory)
     logger.info("loaded %s kernel %s: [%#x, %#x) entry %#x%s", kind, path.name, start, end, entry,
-                f", initrd {len(initrd)} bytes at {initrd_range[0]:#x}" if initrd_range else "")
+                f", initrd {initrd_range[1]} bytes at {initrd_range[0]:#x}" if initrd_range else "")
     return BootInfo(entry=entry, boot_params_addr=layout.ZERO_PAGE_ADDR, kind=kind,
                     kernel_start=start, kernel_end=end, cmdline_addr=layout.CMDLINE_ADDR,
                     initrd_addr=initrd_range[0] if initrd_range else None,

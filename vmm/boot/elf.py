@@ -8,6 +8,7 @@ command line we write ourselves).
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import struct
@@ -113,7 +114,7 @@ def _entry_physical(e_entry: int, segments: list[Segment]) -> int:
     raise BootError(f"ELF entry point {e_entry:#x} is not inside any loaded segment")
 
 
-def _read_into(f: BinaryIO, view: memoryview, offset: int) -> None:
+def _read_into(f: io.BufferedIOBase, view: memoryview, offset: int) -> None:
     f.seek(offset)
     done = 0
     while done < len(view):

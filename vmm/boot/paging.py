@@ -85,7 +85,7 @@ class Segment:
     dpl: int
     db: int
     s: int
-    l: int
+    l: int  # noqa: E741 - the descriptor's L (64-bit code) bit, named as in the SDM
     g: int
     avl: int
 

@@ -20,8 +20,8 @@ fsync and syncfs cannot be split: they take as long as the host's storage needs.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 #: Seconds one piece should take: a tenth of the 50 ms a reset may wait for the worker.
 TARGET_S = 0.005

@@ -38,8 +38,8 @@ import errno
 import logging
 import os
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 from fuse.logthrottle import LogThrottle
 

@@ -21,13 +21,13 @@ import logging
 import os
 import struct
 import tempfile
-from typing import Callable
+from collections.abc import Callable
 
 from devices.memory import GuestMemoryAccess
 from devices.virtio.device import BASE_FEATURES, VIRTIO_ID_FS, VirtioDevice
 from devices.virtio.fs.options import DEFAULT_MAX_WRITE, FS_MAX_TAG_LEN, FsOptions
 from devices.virtio.fs.worker import FsWorker, WorkerCounters, os_thread_name
-from devices.virtio.interrupt import Interrupt
+from devices.virtio.interrupt import VirtioInterrupt
 from devices.virtio.queue import Queue
 from fuse.logthrottle import LogThrottle
 from fuse.metrics import Metrics
@@ -102,7 +102,9 @@ class FsDevice(VirtioDevice):
             raise
         self._worker: FsWorker | None = None
         self._stuck: FsWorker | None = None  # a worker that did not stop in time
-        # Log lines a guest can repeat with every activation, thinned across all of them.
+        # Log lines a guest can repeat with every activation, thinned across all of them. The
+        # worker's lines keep the worker module's logger name; the throttle lives here, with the
+        # device, so that it spans the workers of successive activations.
         self._log = LogThrottle(logger)
         self._worker_log = LogThrottle(logging.getLogger(FsWorker.__module__))
 
@@ -114,7 +116,7 @@ class FsDevice(VirtioDevice):
     def device_features(self) -> int:
         return BASE_FEATURES
 
-    def activate(self, memory: GuestMemoryAccess, interrupt: Interrupt, queues: list[Queue | None],
+    def activate(self, memory: GuestMemoryAccess, interrupt: VirtioInterrupt, queues: list[Queue | None],
                  queue_events: list[int]) -> None:
         if self._worker is not None:
             raise RuntimeError("virtio-fs device is already active")

@@ -28,7 +28,7 @@ from __future__ import annotations
 import errno
 import os
 import struct
-from typing import Iterator
+from collections.abc import Generator
 
 from . import syscalls
 
@@ -64,7 +64,7 @@ class DirStream:
         """Host memory this handle holds for its listing (for limits and the fuzzer)."""
         return len(self._pending)
 
-    def entries(self, offset: int) -> Iterator[tuple[int, int, int, bytes]]:
+    def entries(self, offset: int) -> Generator[tuple[int, int, int, bytes], None, None]:
         """``(d_ino, d_off, d_type, name)`` from ``offset`` (0 or a ``d_off`` handed out before);
         ``d_off`` is where to resume after that entry. Close the iterator when done: an entry
         pulled last and not sent is kept for the next call."""

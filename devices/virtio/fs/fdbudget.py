@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 HEADROOM = 256
 
 _lock = threading.Lock()
-_owners: "weakref.WeakKeyDictionary[object, int]" = weakref.WeakKeyDictionary()
+_owners: weakref.WeakKeyDictionary[object, int] = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)

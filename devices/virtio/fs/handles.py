@@ -13,8 +13,8 @@ open-file limit; every request on handles already open keeps working.
 from __future__ import annotations
 
 import errno
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import ContextManager
 
 from .dirstream import DirStream
 from .pins import PinnedFds, close_fd
@@ -90,7 +90,7 @@ class HandleTable:
                           f"handle {fh} is a {'directory' if h.is_dir else 'file'} handle")
         return h
 
-    def pin(self, fh: int, nodeid: int, is_dir: bool = False) -> ContextManager[Handle]:
+    def pin(self, fh: int, nodeid: int, is_dir: bool = False) -> AbstractContextManager[Handle]:
         """Borrow a handle; EBADF if unknown or opened for another node, EISDIR/ENOTDIR if it is
         of the other kind."""
         return self._pins.pin(self._find, fh, nodeid, is_dir)
@@ -108,5 +108,5 @@ class HandleTable:
         def take_all() -> list[Handle]:
             handles = list(self._by_fh.values())
             self._by_fh.clear()
-            return handles  # type: ignore[return-value]
+            return handles
         return self._pins.clear(take_all)

@@ -21,9 +21,9 @@ import errno
 import logging
 import os
 import stat
-from contextlib import contextmanager
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from typing import ContextManager, Iterator
 
 from .pins import PinnedFds, close_fd
 
@@ -174,7 +174,7 @@ class InodeTable:
                 raise OSError(errno.ENOTDIR, f"nodeid {nodeid} is not a directory")
             yield inode
 
-    def pin(self, nodeid: int) -> ContextManager[Inode]:
+    def pin(self, nodeid: int) -> AbstractContextManager[Inode]:
         """Borrow the inode for the duration of a request; unknown nodeid -> EBADF."""
         return self._pins.pin(self._find, nodeid)
 
@@ -228,4 +228,4 @@ class InodeTable:
             self._by_id.clear()
             self._by_key.clear()
             return inodes
-        return self._pins.clear(take_all)  # type: ignore[arg-type]
+        return self._pins.clear(take_all)

@@ -55,7 +55,8 @@ import functools
 import logging
 import os
 import stat
-from typing import Any, Callable, Iterator, TypeVar
+from collections.abc import Callable, Generator, Iterator
+from typing import Any, TypeVar
 
 from fuse import abi
 from fuse.filesystem import Context, DirEntry, Entry, FileSystem, InitReply, SetattrRequest
@@ -97,7 +98,7 @@ def _guard(fn: _F) -> _F:
     a hostile guest sends may raise anything else into the worker thread."""
 
     @functools.wraps(fn)
-    def wrapper(self: "PassthroughFs", *args: Any, **kwargs: Any) -> Any:
+    def wrapper(self: PassthroughFs, *args: Any, **kwargs: Any) -> Any:
         try:
             return fn(self, *args, **kwargs)
         except OSError as e:
@@ -775,7 +776,7 @@ class PassthroughFs(FileSystem):
             return self._handles.add(nodeid, fd, True, stream), self._fopen_flags(True)
 
     def _dir_entries(self, nodeid: int, fh: int, offset: int
-                     ) -> Iterator[tuple[int, int, int, bytes]]:
+                     ) -> Generator[tuple[int, int, int, bytes], None, None]:
         """The handle's listing from `offset` (dirstream.py), with the handle pinned for as long
         as the listing is read. Closing this iterator closes the stream's, at the same entry."""
         with self._handles.pin(fh, nodeid, is_dir=True) as h:

@@ -26,8 +26,9 @@ import errno
 import logging
 import os
 import threading
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Callable, Iterator, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +123,7 @@ class PinnedFds:
         fd, entry.fd = entry.fd, -1
         return fd
 
-    def clear(self, entries: Callable[[], list[Pinnable]]) -> bool:
+    def clear(self, entries: Callable[[], Sequence[Pinnable]]) -> bool:
         """Retire every entry ``entries()`` hands over (it runs under the lock and empties the
         table). False if the lock is wedged: the caller then abandons the table (its fds leak)."""
         if not self.lock.acquire():

@@ -29,7 +29,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from devices.virtio.chain import ChainReader, ChainWriter
-from devices.virtio.interrupt import Interrupt
+from devices.virtio.interrupt import VirtioInterrupt
 from devices.virtio.queue import DescriptorChain, InvalidChain, Queue, QueueBroken
 from fuse import abi
 from fuse.logthrottle import LogThrottle
@@ -80,7 +80,7 @@ class WorkerCounters:
 class FsWorker:
     """Owns the worker thread, its epoll fd and its stop eventfd (not the queue eventfds)."""
 
-    def __init__(self, name: str, server, interrupt: Interrupt, queues: list[Queue | None],
+    def __init__(self, name: str, server, interrupt: VirtioInterrupt, queues: list[Queue | None],
                  queue_events: list[int], counters: WorkerCounters,
                  log: LogThrottle | None = None, os_name: str | None = None) -> None:
         if len(queues) != len(queue_events):
@@ -151,14 +151,14 @@ class FsWorker:
         ep = select.epoll()
         try:
             by_fd: dict[int, int] = {}
-            for i, (q, fd) in enumerate(zip(self.queues, self.queue_events)):
+            for index, (q, fd) in enumerate(zip(self.queues, self.queue_events)):
                 if q is not None:
                     ep.register(fd, select.EPOLLIN)
-                    by_fd[fd] = i
+                    by_fd[fd] = index
             ep.register(self._stop_fd, select.EPOLLIN)
             # Kicks that arrived before DRIVER_OK (or before we registered) are not lost.
-            for i in by_fd.values():
-                self._process_queue(i)
+            for qi in by_fd.values():
+                self._process_queue(qi)
             while not self._stopping:
                 for fd, _ in ep.poll():
                     if fd == self._stop_fd or self._stopping:

@@ -34,11 +34,11 @@ from __future__ import annotations
 import logging
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 from devices.memory import GuestMemoryError
-from devices.virtio.device import LogOnce, VirtioDevice
+from devices.virtio.device import VirtioDevice
 from devices.virtio.queue import (
     VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
@@ -46,6 +46,7 @@ from devices.virtio.queue import (
     QueueConfigError,
     ring_sizes,
 )
+from fuse.logthrottle import LogThrottle
 
 from .interrupt import VhostUserInterrupt
 from .memory import VhostUserMemory
@@ -186,7 +187,7 @@ class VhostUserBackend:
         self.interrupt = VhostUserInterrupt(self.num_queues)
         self.active = False
         self._queues: list[Queue | None] = []
-        self._log = LogOnce(logger)
+        self._log = LogThrottle(logger)
         self._handlers: dict[Request, Callable[[Message], bytes | None]] = {
             Request.GET_FEATURES: self._get_features,
             Request.SET_FEATURES: self._set_features,
@@ -246,8 +247,9 @@ class VhostUserBackend:
         self.counters.refused += 1
         # One warning per request type and session (the set of keys is bounded), the rest at debug.
         kind = "unknown" if msg.name.startswith("request ") else msg.name
-        self._log(kind, "vhost-user: refusing %s: %s (further refusals of %s logged at debug level)",
-                  msg.name, reason, kind)
+        self._log.once(kind, logging.WARNING,
+                       "vhost-user: refusing %s: %s (further refusals of %s logged at debug level)",
+                       msg.name, reason, kind)
         logger.debug("vhost-user: refusing %s: %s", msg.name, reason)
         if msg.request == Request.GET_CONFIG:
             return encode_reply(msg.request, b"")  # the spec's error: an empty payload
@@ -481,9 +483,9 @@ class VhostUserBackend:
                 events[i] = r.kick_fd
             self.device.activate(self.memory, self.interrupt, queues, events)
         except BaseException:
-            for q in queues:
-                if q is not None:
-                    q.close()
+            for opened in queues:
+                if opened is not None:
+                    opened.close()
             raise
         self._queues = queues
         self.active = True

@@ -40,14 +40,14 @@ import os
 import select
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from devices.memory import GuestMemory, GuestMemoryError
 from devices.virtio.device import BASE_FEATURES, VIRTIO_F_VERSION_1, VIRTIO_ID_FS, VirtioDevice
 from devices.virtio.fs.device import QUEUE_SIZE, config_space
 from devices.virtio.fs.options import FS_MAX_TAG_LEN, check_tag
-from devices.virtio.interrupt import Interrupt
+from devices.virtio.interrupt import Interrupt, VirtioInterrupt
 from devices.virtio.queue import Queue
 
 from .connection import Connection, ConnectionClosed
@@ -136,7 +136,7 @@ class VhostUserFsFrontend(VirtioDevice):
         self.lost: str | None = None
         self._closing = False
         self._started: list[int] = []  # rings the back-end is serving
-        self._interrupt: Interrupt | None = None  # the transport's, from the first activate
+        self._interrupt: VirtioInterrupt | None = None  # the transport's, from the first activate
         self._err_fds: list[int] = []
         self.counters = {"messages": 0, "activations": 0, "resets": 0, "ring_errors": 0}
         if not memory.shareable:
@@ -262,11 +262,13 @@ class VhostUserFsFrontend(VirtioDevice):
         """What the back-end serves, of what this transport and the guest's ring code support."""
         return self.backend_features & BASE_FEATURES
 
-    def activate(self, memory, interrupt: Interrupt, queues: list[Queue | None],
+    def activate(self, memory, interrupt: VirtioInterrupt, queues: list[Queue | None],
                  queue_events: list[int]) -> None:
         """DRIVER_OK: hand every ready ring to the back-end (raises VhostUserFrontendError)."""
         if self.active:
             raise self._error("the device is already active")
+        if not isinstance(interrupt, Interrupt):   # the back-end signals the guest's irqfd directly
+            raise TypeError("a vhost-user front-end needs a virtio-mmio Interrupt (its irqfd)")
         features = self.acked_features
         if self.backend_features >> VHOST_USER_F_PROTOCOL_FEATURES & 1:
             features |= 1 << VHOST_USER_F_PROTOCOL_FEATURES
@@ -366,7 +368,7 @@ class VhostUserFsFrontend(VirtioDevice):
             poller.register(fd, select.POLLIN)
         while True:
             events = poller.poll()
-            for fd, ev in events:
+            for fd, _ev in events:
                 if fd == self._wake_r:
                     return
                 if fd == sock_fd:

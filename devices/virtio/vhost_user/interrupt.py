@@ -23,6 +23,8 @@ import logging
 import os
 import threading
 
+from fuse.logthrottle import LogThrottle
+
 logger = logging.getLogger(__name__)
 
 
@@ -34,7 +36,7 @@ class VhostUserInterrupt:
         self._call: list[int] = [-1] * num_queues
         self._err: list[int] = [-1] * num_queues
         self._signals = 0
-        self._failed_logged = False
+        self._log = LogThrottle(logger)
 
     @property
     def signals(self) -> int:
@@ -69,9 +71,8 @@ class VhostUserInterrupt:
         try:
             os.eventfd_write(fd, 1)
         except OSError as e:
-            if not self._failed_logged:
-                self._failed_logged = True
-                logger.error("vhost-user: eventfd %d write failed: %s (further failures not logged)", fd, e)
+            self._log.once("eventfd-write", logging.ERROR,
+                           "vhost-user: eventfd %d write failed: %s (further failures not logged)", fd, e)
 
     # -- VirtioInterrupt --------------------------------------------------------------------------
     def signal_used_queue(self, queue_index: int) -> None:

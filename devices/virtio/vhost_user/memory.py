@@ -27,7 +27,7 @@ import logging
 import mmap
 import os
 import stat
-from typing import Sequence
+from collections.abc import Sequence
 
 from devices.memory import GuestMemory, GuestMemoryError, MemoryRegion
 
