@@ -17,6 +17,8 @@ import threading
 from collections.abc import Hashable
 from typing import Any
 
+#: Distinct keys :meth:`LogThrottle.once` remembers (bounds its memory whatever the guest does).
+ONCE_KEYS_MAX = 1024
 #: Events of one kind logged in full before sampling starts.
 FULL_WARNINGS = 50
 
@@ -36,6 +38,7 @@ class LogThrottle:
         self._bugs: dict[tuple[str, type], int] = {}
         self._kinds: dict[str, int] = {}
         self._once: set[Hashable] = set()
+        self._once_full = False
 
     def warn(self, msg: str, *args: Any) -> None:
         """A malformed request or another guest-caused event worth a warning (sampled)."""
@@ -81,10 +84,20 @@ class LogThrottle:
     def once(self, key: Hashable, level: int, msg: str, *args: Any) -> bool:
         """Log the first event of ``key`` at ``level`` and drop later ones; True if this call
         logged. ``key`` is chosen by the caller from a small set (a fixed string, an errno, an
-        exception type), so the set of keys seen stays small whatever the guest does."""
+        exception type); where it comes from guest data (an address on a bus) the set is capped at
+        ONCE_KEYS_MAX, after which one line says so and nothing more is logged or remembered."""
         with self._lock:
             if key in self._once:
                 return False
-            self._once.add(key)
+            full = len(self._once) >= ONCE_KEYS_MAX
+            if full:
+                first_overflow, self._once_full = not self._once_full, True
+            else:
+                self._once.add(key)
+        if full:
+            if first_overflow:
+                self._logger.warning("%d distinct events logged once; not logging further new ones",
+                                     ONCE_KEYS_MAX, stacklevel=2)
+            return False
         self._logger.log(level, msg, *args, stacklevel=2)
         return True

@@ -148,3 +148,16 @@ def test_log_throttle_once_per_key(caplog):
     assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
         (logging.DEBUG, "event 0"), (logging.ERROR, "event 1"), (logging.ERROR, "event 2")]
     assert all(r.pathname == __file__ for r in caplog.records)
+
+
+def test_log_throttle_once_remembers_a_bounded_set_of_keys(caplog):
+    """Keys from guest data (each address a guest probes on a bus) cannot grow the set without
+    bound: past ONCE_KEYS_MAX one line says logging stopped, and nothing more is kept."""
+    from fuse.logthrottle import ONCE_KEYS_MAX
+    log = LogThrottle(logging.getLogger("t.once.cap"))
+    caplog.set_level(logging.DEBUG, logger="t.once.cap")
+    logged = sum(log.once(addr, logging.DEBUG, "probe %#x", addr) for addr in range(3 * ONCE_KEYS_MAX))
+    assert logged == ONCE_KEYS_MAX
+    assert len(log._once) == ONCE_KEYS_MAX
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [f"{ONCE_KEYS_MAX} distinct events logged once; not logging further new ones"]
