@@ -3,7 +3,7 @@
 The implementation is `bench/fuse_backends.py` (issue 13's name); this entry point runs it with
 the same arguments, so both names regenerate the same `bench/results/fuse_backends.json`:
 
-    python bench/fuse_cpu.py [--rounds 2] [--size 16M] [--files 200] [--configs a,b,...]
+    python bench/fuse_cpu.py [--rounds 2] [--size 2M] [--files 100] [--configs a,b,...]
 """
 
 from __future__ import annotations

@@ -169,3 +169,13 @@ def test_summary_divides_each_segment_by_its_own_requests_and_compares_with_the_
 def test_request_differences_name_each_opcode_that_differs():
     assert request_differences({"LOOKUP": 10, "GETXATTR": 5}, {"LOOKUP": 10, "FLUSH": 2}) == {
         "FLUSH": {"ours": 0, "virtiofsd": 2}, "GETXATTR": {"ours": 5, "virtiofsd": 0}}
+
+
+def test_raw_rounds_round_trip_through_json():
+    """--from-raw re-summarizes saved rounds: the same figures as from the live rounds."""
+    import json
+
+    ops = [{"LOOKUP": i * 10} for i in range(5)]
+    live = [_round("ours", {"server_s": [0, 1, 2, 3, 4], "vmm_s": [0, 1, 2, 3, 4]}, ops)]
+    saved = [Round.from_json(json.loads(json.dumps(r.to_json()))) for r in live]
+    assert summarize(saved, None, 2 << 20) == summarize(live, None, 2 << 20)
