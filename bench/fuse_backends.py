@@ -534,6 +534,43 @@ def report(rounds: dict[str, list[Round]], census: dict[str, dict[str, int]] | N
         "machine": desc, **run_args, "small_file_size": SMALL_FILE_SIZE, "wall_s": wall,
         "virtiofsd_census": census, "results": summaries, "ratios": ratios, "command": command})
     print_table(summaries, ratios, desc)
+    print("\n" + markdown(summaries, ratios), file=sys.stderr)
+
+
+FRONTENDS = {"ours-inproc": "our VMM, device in-process", "ours-vhost-user": "our VMM, vhost-user",
+             "qemu+ours-vhost-user": "QEMU 7.2, vhost-user"}
+
+
+def markdown(summaries: dict[str, Any], ratios: dict[str, Any]) -> str:
+    """The README's tables: server CPU per request against C virtiofsd, then the guest's view."""
+    def us(row: dict[str, Any], key: str) -> str:
+        return f"{row[key]['median']:.0f} ({row[key]['min']:.0f})" if key in row else "-"
+
+    def x(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f}"
+
+    lines = ["| workload | front-end | requests ours / virtiofsd | ours: server us/request | "
+             "ours: worker thread | C virtiofsd | ratio (min) |", "|---|---|---|---|---|---|---|"]
+    for w in WORKLOADS:
+        for (ours, ref) in PAIRS:
+            key = f"{ours} / {ref}"
+            if key not in ratios:
+                continue
+            o, r, q = summaries[ours][w], summaries[ref][w], ratios[key][w]
+            reqs = "/".join(str(int(v)) for v in o["requests"]["all"])
+            lines.append(f"| {w} | {FRONTENDS[ours]} | {reqs} / {r['requests']['median']:.0f} | "
+                         f"{us(o, 'server_us_per_request')} | {us(o, 'worker_us_per_request')} | "
+                         f"{us(r, 'server_us_per_request')} | **{x(q['server_us_per_request'])}** "
+                         f"({x(q['server_us_per_request_min'])}) |")
+    lines += ["", "| configuration | ns per missing-name stat | small file: write / stat / read / unlink, ms "
+              "| big file write / read, MiB/s |", "|---|---|---|---|"]
+    for c, s in summaries.items():
+        g = s["guest"]
+        small = " / ".join(f"{g[f'small_{op}_ns']['median'] / 1e6:.0f}" for op in SMALL_OPS
+                           if f"small_{op}_ns" in g)
+        lines.append(f"| {c} | {g['probe_ns_per_stat']['median'] / 1e6:.1f} ms | {small} | "
+                     f"{g['write_mib_s']['median']:.3f} / {g['read_mib_s']['median']:.3f} |")
+    return "\n".join(lines) + "\n"
 
 
 def print_table(summaries: dict[str, Any], ratios: dict[str, Any], desc: dict[str, Any]) -> None:

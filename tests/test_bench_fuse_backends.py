@@ -179,3 +179,17 @@ def test_raw_rounds_round_trip_through_json():
     live = [_round("ours", {"server_s": [0, 1, 2, 3, 4], "vmm_s": [0, 1, 2, 3, 4]}, ops)]
     saved = [Round.from_json(json.loads(json.dumps(r.to_json()))) for r in live]
     assert summarize(saved, None, 2 << 20) == summarize(live, None, 2 << 20)
+
+
+def test_markdown_table_has_a_row_per_workload_and_front_end():
+    from bench.fuse_backends import markdown
+
+    ops = [{"LOOKUP": i * 10} for i in range(5)]
+    census = {seg: {"LOOKUP": 10 if seg in ("probe", "small", "write", "read") else 20} for seg in SEGMENTS}
+    ours = summarize([_round("ours", {"server_s": [0, 1, 2, 3, 4], "vmm_s": [0, 1, 2, 3, 4]}, ops)], None, 2 << 20)
+    ref = summarize([_round("ref", {"server_s": [0, .5, 1, 1.5, 2], "vmm_s": [0, 1, 2, 3, 4]}, None)], census, 2 << 20)
+    text = markdown({"ours-inproc": ours, "virtiofsd": ref}, {"ours-inproc / virtiofsd": compare(ours, ref)})
+    rows = [line for line in text.splitlines() if line.startswith("| probe") or line.startswith("| small")
+            or line.startswith("| io")]
+    assert len(rows) == 3
+    assert "| probe | our VMM, device in-process | 10 / 10 | 100000 (100000) | - | 50000 (50000) | **2.00** (2.00) |" in rows
