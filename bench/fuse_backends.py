@@ -34,7 +34,7 @@ front-end, measured in the same run. JSON in bench/results/fuse_backends.json.
 
 The defaults are smaller than the issues' workload (200 files, 16 MiB): on this shared 2-core
 kvm_pvm machine a missing-name stat takes 20-80 ms of emulated guest time, so eleven boots of the
-full workload take over an hour; the defaults take about 35 minutes. Request counts scale with the
+full workload take about an hour; the defaults take about 25 minutes. Request counts scale with the
 workload (a WRITE and a READ per 128 KiB, about 13 requests per small file), CPU per request is
 what is compared. `--files 200 --size 16M` runs the issues' workload.
 
