@@ -8,32 +8,46 @@ One guest script, run through five configurations, alternated round by round:
     qemu+ours-vhost-user QEMU 7.2 microvm + our back-end
     qemu+virtiofsd       QEMU 7.2 microvm + C virtiofsd
 
-The script marks the boundaries of two workloads (and sleeps a moment after each mark, so the
+The script marks the boundaries of its workloads (and sleeps a moment after each mark, so the
 host reads its counters while the guest is idle):
 
     probe   `probe /mnt/TAG 50 20 expect=ENOENT`: 1,000 stats of missing names, one LOOKUP each
-    io      `write /mnt/TAG/big 16777216 1` then `read /mnt/TAG/big sum64`
+    small   FILES small files: each written (created), then each stat'ed, read, unlinked
+    io      `write /mnt/TAG/big SIZE 1` (segment `write`), then `read /mnt/TAG/big sum64` (`read`)
 
-At each mark the host reads the FUSE server's CPU time: the device's worker thread (OS name
-`pyvmm-fs-TAG`, from /proc/PID/task/TID/schedstat) and, for a back-end process, the whole process
-(/proc/PID/stat, every thread); the VMM's own CPU (this process, minus an in-process worker) is
-read too. Requests per workload: ours count them (control socket); C virtiofsd keeps no counters,
-so one extra untimed boot runs it with `-d` and counts its `opcode:` log lines between the marks
-(the timed rounds run without `-d`, which costs CPU per request). The guest's requests are the
-same whichever VMM drives the server, so the census of our VMM + virtiofsd serves both.
+At each mark the host reads the FUSE server's CPU time, from schedstat (ns, not clock ticks):
+the device's worker thread (OS name `pyvmm-fs-TAG`) and, for a back-end process, every thread
+of the process and of its children (C virtiofsd forks into its namespace sandbox: the child
+serves, the parent waits). The front-end's CPU (our VMM minus an in-process worker, or QEMU) is
+read too. Requests per workload: ours count them (control socket, per opcode); C virtiofsd keeps
+no counters, so one extra untimed boot runs it with `-d` and counts its `opcode:` log lines
+between the marks (the timed rounds run without `-d`, which costs CPU per request). The guest's
+requests are the same whichever VMM drives the server, so the census of our VMM + virtiofsd
+serves both front-ends.
 
-Figures: CPU us per request (min / median over rounds), the guest's latency (ns per stat from the
-agent, MiB/s of the write and the read), and ratios to C virtiofsd under the same VMM measured in
-the same run. JSON in bench/results/fuse_backends.json.
+Figures: server CPU us per request (min / median over rounds), requests per workload (ours per
+round and per opcode; virtiofsd's census), the guest's latency (ns per stat from the agent, ns per
+small-file op, MiB/s of the write and the read), and ratios to C virtiofsd under the same
+front-end, measured in the same run. JSON in bench/results/fuse_backends.json.
 
-    python bench/fuse_backends.py [--rounds 3] [--size 16777216] [--configs a,b,...]
+    python bench/fuse_backends.py [--rounds 2] [--size 2M] [--files 100] [--configs a,b,...]
+
+The defaults are smaller than the issues' workload (200 files, 16 MiB): on this shared 2-core
+kvm_pvm machine a missing-name stat takes 20-80 ms of emulated guest time, so eleven boots of the
+full workload take about an hour; the defaults take about 25 minutes. Request counts scale with the
+workload (a WRITE and a READ per 128 KiB, about 13 requests per small file), CPU per request is
+what is compared. `--files 200 --size 16M` runs the issues' workload.
+
+`bench/fuse_cpu.py` (issue 9's name) runs this same benchmark.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import sys
@@ -41,70 +55,218 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+from collections.abc import Iterable, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import write_result  # noqa: E402
+from bench.common import RESULTS, write_result  # noqa: E402
 from devices.virtio.fs.options import FsOptions  # noqa: E402
 from devices.virtio.fs.worker import os_thread_name  # noqa: E402
 from devices.virtio.vhost_user.frontend import VhostUserFsOptions  # noqa: E402
-from vmm.qemu import (BackendProcess, QemuGuest, VirtiofsdProcess, process_cpu_seconds,  # noqa: E402
-                      thread_cpu_seconds_by_name)
+from guest.script import render  # noqa: E402
+from vmm.qemu import BackendProcess, QemuGuest, VirtiofsdProcess, thread_cpu_seconds_by_name  # noqa: E402
 
 TAG = "bench"
 CONFIGS = ("ours-inproc", "ours-vhost-user", "virtiofsd", "qemu+ours-vhost-user", "qemu+virtiofsd")
-MARKS = ("m0", "m1", "m2", "m3")
-SEGMENTS = {"probe": ("m0", "m1"), "write": ("m1", "m2"), "read": ("m2", "m3"), "io": ("m1", "m3")}
+#: (ours, the C virtiofsd configuration under the same front-end)
+PAIRS = (("ours-inproc", "virtiofsd"), ("ours-vhost-user", "virtiofsd"),
+         ("qemu+ours-vhost-user", "qemu+virtiofsd"))
+MARKS = ("m0", "m1", "m2", "m3", "m4")
+SEGMENTS = {"probe": ("m0", "m1"), "small": ("m1", "m2"), "write": ("m2", "m3"),
+            "read": ("m3", "m4"), "io": ("m2", "m4")}
+WORKLOADS = ("probe", "small", "io")       # what the table and the ratios report
+SMALL_OPS = ("write", "stat", "read", "unlink")
+SMALL_FILE_SIZE = 4096
 BOOT_TIMEOUT = 1800
 
 
-def script(size: int) -> str:
+# ---------------------------------------------------------------------------- the guest script
+def script(size: int, files: int) -> str:
+    """The agent script: marks around each workload, a 300 ms idle after each mark."""
     m = f"/mnt/{TAG}"
-    return "\n".join([
+    small = [f"write {m}/s{i} {SMALL_FILE_SIZE} {i}" for i in range(files)]
+    small += [f"stat {m}/s{i}" for i in range(files)]
+    small += [f"read {m}/s{i} sum64" for i in range(files)]
+    small += [f"unlink {m}/s{i}" for i in range(files)]
+    return render([
         "mark m0", "sleep 300",
         f"probe {m} 50 20 expect=ENOENT",
         "mark m1", "sleep 300",
-        f"write {m}/big {size} 1",
+        *small,
         "mark m2", "sleep 300",
-        f"read {m}/big sum64",
+        f"write {m}/big {size} 1",
         "mark m3", "sleep 300",
-        "exit 0"]) + "\n"
+        f"read {m}/big sum64",
+        "mark m4", "sleep 300",
+        "exit 0"])      # render() checks every op and argument count against the agent's table
 
 
 def mark_of(line: bytes) -> str | None:
+    """The mark a console line announces (`op=mark ... name=mN`), else None."""
     if b"op=mark" not in line:
         return None
-    for name in MARKS:
-        if f"name={name}".encode() in line:
-            return name
-    return None
+    m = re.search(rb"\bname=(\S+)", line)
+    if m is None:
+        return None
+    name = m.group(1).decode(errors="replace")
+    return name if name in MARKS else None
 
 
-def self_thread_cpu(comm: str) -> float:
-    return thread_cpu_seconds_by_name(os.getpid(), comm) or 0.0
+def segment_steps(steps: Iterable[Any], a: str, b: str) -> list[Any]:
+    """The agent steps strictly between `mark a` and `mark b` (not the sleeps after a mark)."""
+    out: list[Any] = []
+    inside = False
+    for s in steps:
+        if s.op == "mark":
+            name = s.extra.get("name")
+            if name == a:
+                inside = True
+            elif name == b:
+                break
+            continue
+        if inside and s.op != "sleep":
+            out.append(s)
+    return out
 
 
-def self_cpu() -> float:
-    t = os.times()
-    return t.user + t.system
+# ---------------------------------------------------------------------------- host CPU from /proc
+def schedstat_seconds(text: str) -> float:
+    """Run time on the CPU from a schedstat line (`RUN_NS WAIT_NS SLICES`), in seconds."""
+    return int(text.split()[0]) / 1e9
 
 
+def children_of(text: str) -> list[int]:
+    """Pids in a /proc/PID/task/TID/children file (space-separated)."""
+    return [int(p) for p in text.split()]
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def process_tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of every live thread of `pid` and of its descendants, from schedstat (ns
+    resolution; /proc/PID/stat's utime+stime count 10 ms ticks, too coarse for ~50 ms segments).
+    Threads that already exited are not counted: the servers measured here keep theirs."""
+    total = 0.0
+    todo = [pid]
+    seen: set[int] = set()
+    while todo:
+        p = todo.pop()
+        if p in seen:
+            continue
+        seen.add(p)
+        try:
+            tids = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            stat = _read(f"/proc/{p}/task/{tid}/schedstat")
+            if stat:
+                total += schedstat_seconds(stat)
+            kids = _read(f"/proc/{p}/task/{tid}/children")
+            if kids:
+                todo.extend(children_of(kids))
+    return total
+
+
+# ---------------------------------------------------------------------------- request census
+_OPCODE = re.compile(rb"opcode: (\w+)")
+
+
+def count_opcodes(log: bytes) -> dict[str, int]:
+    """Requests per opcode in a C virtiofsd `-d` log (`... opcode: LOOKUP (1), ...` lines)."""
+    counts: dict[str, int] = {}
+    for m in _OPCODE.finditer(log):
+        op = m.group(1).decode()
+        counts[op] = counts.get(op, 0) + 1
+    return counts
+
+
+def ops_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    """Per-opcode counter difference, zero entries left out."""
+    out = {op: n - before.get(op, 0) for op, n in after.items()}
+    return {op: n for op, n in sorted(out.items()) if n}
+
+
+def request_differences(ours: dict[str, int], ref: dict[str, int]) -> dict[str, dict[str, int]]:
+    """Opcodes whose counts differ: {op: {"ours": n, "virtiofsd": m}}."""
+    return {op: {"ours": ours.get(op, 0), "virtiofsd": ref.get(op, 0)}
+            for op in sorted(set(ours) | set(ref)) if ours.get(op, 0) != ref.get(op, 0)}
+
+
+# ---------------------------------------------------------------------------- statistics
+def spread(values: Sequence[float]) -> dict[str, Any]:
+    """min / median / every value (rounds are few and the machine is shared: the min is the
+    least disturbed round, the median the typical one)."""
+    return {"min": min(values), "median": statistics.median(values), "all": list(values)}
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    """a / b, or None when either is missing or b is zero."""
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+# ---------------------------------------------------------------------------- one boot
 class Round:
     """One boot of one configuration: snapshots at the marks, the agent's steps."""
 
     def __init__(self, config: str) -> None:
         self.config = config
-        self.snaps: dict[str, dict[str, float]] = {}
-        self.steps: dict[str, Any] = {}
+        self.snaps: dict[str, dict[str, Any]] = {}
+        self.steps: list[Any] = []
 
-    def segment(self, name: str) -> dict[str, float]:
+    def segment(self, name: str) -> dict[str, Any]:
+        """Counter differences over a segment (numbers, and `ops` per opcode when counted)."""
         a, b = SEGMENTS[name]
-        return {k: self.snaps[b][k] - self.snaps[a][k] for k in self.snaps[b]}
+        if a not in self.snaps or b not in self.snaps:
+            raise RuntimeError(f"{self.config}: no snapshot at {a} / {b} (saw {sorted(self.snaps)})")
+        out: dict[str, Any] = {}
+        for k, v in self.snaps[b].items():
+            if k == "ops":
+                out[k] = ops_delta(self.snaps[a][k], v)
+            else:
+                out[k] = v - self.snaps[a][k]
+        return out
+
+    def steps_of(self, name: str) -> list[Any]:
+        return segment_steps(self.steps, *SEGMENTS[name])
+
+    def to_json(self) -> dict[str, Any]:
+        return {"config": self.config, "snaps": self.snaps, "steps": [s.raw for s in self.steps]}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Round:
+        from guest.console import parse_line
+        r = cls(data["config"])
+        r.snaps = data["snaps"]
+        r.steps = [s for s in map(parse_line, data["steps"]) if s is not None]
+        return r
 
 
-def run_ours(config: str, share: Path, workdir: Path, kernel: Path, size: int,
+def _snapshotter(rnd: Round, snapshot) -> Any:
+    def on_line(line: bytes) -> None:
+        name = mark_of(line)
+        if name is not None:
+            rnd.snaps[name] = snapshot()
+    return on_line
+
+
+def _ours_counters(stats: dict[str, Any]) -> dict[str, Any]:
+    return {"requests": stats["requests"], "ops": dict(stats["ops"])}
+
+
+def run_ours(config: str, share: Path, workdir: Path, kernel: Path, script_text: str,
              census: bool = False) -> tuple[Round, VirtiofsdProcess | None]:
-    """Our VMM (in this process) with the device in-process, or a back-end child."""
+    """Our VMM (in this process) with the device in-process, our back-end child, or virtiofsd.
+    With `census`, virtiofsd runs with -d and is returned still running (its log offsets are in
+    the snapshots); the caller stops it."""
     from vmm.control import request
     from vmm.runner import guest_config, run_guest
 
@@ -113,6 +275,7 @@ def run_ours(config: str, share: Path, workdir: Path, kernel: Path, size: int,
     ctl = str(workdir / "vmm-ctl.sock")
     options = FsOptions(source=str(share), tag=TAG)
     worker = os_thread_name(TAG)
+    me = os.getpid()
     if config == "ours-inproc":
         device: Any = options
     elif config == "ours-vhost-user":
@@ -122,42 +285,38 @@ def run_ours(config: str, share: Path, workdir: Path, kernel: Path, size: int,
         server = VirtiofsdProcess(options, workdir, debug=census).start()
         device = VhostUserFsOptions(str(server.socket), TAG)
 
-    def snapshot() -> dict[str, float]:
-        snap: dict[str, float] = {"vmm_process_s": self_cpu()}
-        if config == "ours-inproc":
-            snap["worker_s"] = self_thread_cpu(worker)
-            snap["vmm_process_s"] -= snap["worker_s"]
-            snap["requests"] = request(ctl, "stats")["devices"][f"fs:{TAG}"]["requests"]
-        elif isinstance(server, BackendProcess):
+    def snapshot() -> dict[str, Any]:
+        snap: dict[str, Any] = {"vmm_s": process_tree_cpu_seconds(me)}
+        if server is None:
+            snap["worker_s"] = thread_cpu_seconds_by_name(me, worker) or 0.0
+            snap["server_s"] = snap["worker_s"]
+            snap["vmm_s"] -= snap["worker_s"]
+            snap.update(_ours_counters(request(ctl, "stats")["devices"][f"fs:{TAG}"]))
+            return snap
+        snap["vmm_s"] -= process_tree_cpu_seconds(server.pid)   # our child's threads are not the VMM's
+        snap["server_s"] = process_tree_cpu_seconds(server.pid)
+        if isinstance(server, BackendProcess):
             snap["worker_s"] = server.worker_cpu_seconds() or 0.0
-            snap["server_process_s"] = server.cpu_seconds()
-            snap["requests"] = server.stats()["requests"]
-        else:
-            assert server is not None
-            snap["server_process_s"] = server.cpu_seconds()
-            if census:
-                snap["log_offset"] = server.log_path.stat().st_size
+            snap.update(_ours_counters(server.stats()))
+        elif census:
+            snap["log_offset"] = server.log_path.stat().st_size
         return snap
 
-    def on_line(line: bytes) -> None:
-        name = mark_of(line)
-        if name is not None:
-            rnd.snaps[name] = snapshot()
-
     try:
-        cfg = guest_config(script(size), [device], kernel=kernel, timeout=BOOT_TIMEOUT)
-        result, output = run_guest(cfg, control_path=ctl, on_line=on_line)
+        cfg = guest_config(script_text, [device], kernel=kernel, timeout=BOOT_TIMEOUT)
+        result, output = run_guest(cfg, control_path=ctl, on_line=_snapshotter(rnd, snapshot))
         if result.exit_status != 0:
             raise SystemExit(f"{config}: guest failed ({result.exit_status}: {result.message})\n"
                              + output[-2000:])
-        rnd.steps = {s.op: s for s in result.steps}
+        rnd.steps = list(result.steps)
     finally:
         if server is not None and not census:
             server.stop()
     return rnd, server if census else None
 
 
-def run_qemu(config: str, share: Path, workdir: Path, kernel: Path, size: int) -> Round:
+def run_qemu(config: str, share: Path, workdir: Path, kernel: Path, script_text: str) -> Round:
+    """QEMU microvm with our back-end or C virtiofsd."""
     rnd = Round(config)
     options = FsOptions(source=str(share), tag=TAG)
     server: BackendProcess | VirtiofsdProcess
@@ -167,96 +326,109 @@ def run_qemu(config: str, share: Path, workdir: Path, kernel: Path, size: int) -
         server = VirtiofsdProcess(options, workdir).start()
     qemu_pid: list[int] = []
 
-    def snapshot() -> dict[str, float]:
-        snap = {"server_process_s": server.cpu_seconds(),
-                "vmm_process_s": process_cpu_seconds(qemu_pid[0]) if qemu_pid else 0.0}
+    def snapshot() -> dict[str, Any]:
+        snap: dict[str, Any] = {"server_s": process_tree_cpu_seconds(server.pid),
+                                "vmm_s": process_tree_cpu_seconds(qemu_pid[0]) if qemu_pid else 0.0}
         if isinstance(server, BackendProcess):
             snap["worker_s"] = server.worker_cpu_seconds() or 0.0
-            snap["requests"] = server.stats()["requests"]
+            snap.update(_ours_counters(server.stats()))
         return snap
 
-    def on_line(line: bytes) -> None:
-        name = mark_of(line)
-        if name is not None:
-            rnd.snaps[name] = snapshot()
-
     try:
-        with QemuGuest(kernel, script(size), [server], workdir, on_line=on_line) as q:
+        with QemuGuest(kernel, script_text, [server], workdir, on_line=_snapshotter(rnd, snapshot)) as q:
             assert q.proc is not None
             qemu_pid.append(q.proc.pid)
             status = q.wait_exit_line(BOOT_TIMEOUT)
             if status != 0:
                 raise SystemExit(f"{config}: guest failed ({status})\n{q.output[-2000:]}")
-            rnd.steps = {s.op: s for s in q.parser.steps}
+            rnd.steps = list(q.parser.steps)
     finally:
         server.stop()
     return rnd
 
 
-def virtiofsd_census(share: Path, workdir: Path, kernel: Path, size: int) -> dict[str, dict[str, int]]:
-    """Requests per segment C virtiofsd saw, from its -d log between the marks (untimed)."""
-    import re
-
-    rnd, server = run_ours("virtiofsd", share, workdir, kernel, size, census=True)
+def virtiofsd_census(share: Path, workdir: Path, kernel: Path, script_text: str) -> dict[str, dict[str, int]]:
+    """Requests per segment and opcode C virtiofsd saw, from its -d log between the marks (untimed)."""
+    rnd, server = run_ours("virtiofsd", share, workdir, kernel, script_text, census=True)
     assert server is not None
-    try:
-        server.stop()
-        log = server.log_path.read_bytes()
-    finally:
-        pass
+    server.stop()
+    log = server.log_path.read_bytes()
     out: dict[str, dict[str, int]] = {}
     for seg, (a, b) in SEGMENTS.items():
-        chunk = log[int(rnd.snaps[a]["log_offset"]):int(rnd.snaps[b]["log_offset"])]
-        counts: dict[str, int] = {}
-        for m in re.finditer(rb"opcode: (\w+)", chunk):
-            op = m.group(1).decode()
-            counts[op] = counts.get(op, 0) + 1
-        out[seg] = counts
+        out[seg] = count_opcodes(log[int(rnd.snaps[a]["log_offset"]):int(rnd.snaps[b]["log_offset"])])
     return out
 
 
-def summarize(rounds: list[Round], census: dict[str, dict[str, int]] | None) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for seg in ("probe", "io", "write", "read"):
+# ---------------------------------------------------------------------------- summary
+def guest_figures(rounds: list[Round], size: int) -> dict[str, Any]:
+    """What the guest saw: ns per missing-name stat, ns per small-file op, MiB/s of the big file."""
+    probe = [r.steps_of("probe")[0].get_int("ns_per_op") for r in rounds]
+    write = [r.steps_of("write")[0].ns for r in rounds]
+    read = [r.steps_of("read")[0].ns for r in rounds]
+    mib = size / 2**20
+    out: dict[str, Any] = {
+        "probe_ns_per_stat": spread(probe),
+        "write_mib_s": spread([mib / (ns / 1e9) for ns in write]),
+        "read_mib_s": spread([mib / (ns / 1e9) for ns in read]),
+    }
+    for op in SMALL_OPS:
         per_round = []
         for r in rounds:
-            d = r.segment(seg)
-            n = d.get("requests")
-            if n is None and census is not None:
-                n = sum(census[seg].values())
-            row: dict[str, float] = {"requests": n or 0}
-            for key in ("worker_s", "server_process_s", "vmm_process_s"):
-                if key in d and n:
-                    row[key.replace("_s", "_us_per_request")] = d[key] / n * 1e6
-            per_round.append(row)
-        seg_out: dict[str, Any] = {"requests": [row["requests"] for row in per_round]}
-        for key in ("worker_us_per_request", "server_process_us_per_request", "vmm_process_us_per_request"):
-            vals = [row[key] for row in per_round if key in row]
-            if vals:
-                seg_out[key] = {"min": min(vals), "median": statistics.median(vals), "all": vals}
-        out[seg] = seg_out
-    probe = [int(r.steps["probe"].extra["ns_per_op"]) for r in rounds]
-    write = [int(r.steps["write"].ns) for r in rounds]
-    read = [int(r.steps["read"].ns) for r in rounds]
-    size = int(rounds[0].steps["write"].extra["size"])
-    out["guest"] = {
-        "probe_ns_per_stat": {"min": min(probe), "median": statistics.median(probe)},
-        "write_mib_s": {"max": size / 2**20 / (min(write) / 1e9),
-                        "median": size / 2**20 / (statistics.median(write) / 1e9)},
-        "read_mib_s": {"max": size / 2**20 / (min(read) / 1e9),
-                       "median": size / 2**20 / (statistics.median(read) / 1e9)},
-    }
+            ns = [s.ns for s in r.steps_of("small") if s.op == op]
+            if ns:
+                per_round.append(sum(ns) / len(ns))
+        if per_round:
+            out[f"small_{op}_ns"] = spread(per_round)
     return out
 
 
-def server_cpu(summary: dict[str, Any], seg: str) -> float | None:
-    """The FUSE server's CPU per request: the worker thread for ours (the process for a back-end
-    is reported beside it), the whole process for C virtiofsd (its queue thread does the work)."""
-    s = summary[seg]
-    for key in ("worker_us_per_request", "server_process_us_per_request"):
-        if key in s:
-            return s[key]["median"]
-    return None
+def summarize(rounds: list[Round], census: dict[str, dict[str, int]] | None, size: int) -> dict[str, Any]:
+    """Per workload: requests, CPU per request (server, worker, front-end), server CPU per workload."""
+    out: dict[str, Any] = {}
+    for seg in SEGMENTS:
+        per_round = [r.segment(seg) for r in rounds]
+        counted = all("requests" in d for d in per_round)
+        if counted:
+            requests = [int(d["requests"]) for d in per_round]
+            ops = per_round[-1].get("ops", {})
+        elif census is not None:
+            ops = census[seg]
+            requests = [sum(ops.values())] * len(per_round)
+        else:
+            raise RuntimeError("no request counts: neither counters nor a census")
+        seg_out: dict[str, Any] = {"requests": spread(requests), "ops": ops,
+                                   "requests_from": "counters" if counted else "virtiofsd -d census"}
+        for key in ("server_s", "worker_s", "vmm_s"):
+            vals = [d[key] / n * 1e6 for d, n in zip(per_round, requests) if key in d and n]
+            if vals:
+                seg_out[key.replace("_s", "_us_per_request")] = spread(vals)
+        seg_out["server_ms"] = spread([d["server_s"] * 1e3 for d in per_round])
+        out[seg] = seg_out
+    out["guest"] = guest_figures(rounds, size)
+    return out
+
+
+def compare(ours: dict[str, Any], ref: dict[str, Any]) -> dict[str, Any]:
+    """Ratios ours / C virtiofsd (same front-end, same run): server CPU per request (median, and
+    min over min), server CPU per workload, requests, and the guest's latency."""
+    out: dict[str, Any] = {}
+    for seg in (*WORKLOADS, "write", "read"):
+        o, r = ours[seg], ref[seg]
+        out[seg] = {
+            "server_us_per_request": ratio(o["server_us_per_request"]["median"],
+                                           r["server_us_per_request"]["median"]),
+            "server_us_per_request_min": ratio(o["server_us_per_request"]["min"],
+                                               r["server_us_per_request"]["min"]),
+            "server_cpu_per_workload": ratio(o["server_ms"]["median"], r["server_ms"]["median"]),
+            "requests": ratio(o["requests"]["median"], r["requests"]["median"]),
+            "request_differences": request_differences(o["ops"], r["ops"]),
+        }
+        if "worker_us_per_request" in o:
+            out[seg]["worker_vs_server_us_per_request"] = ratio(
+                o["worker_us_per_request"]["median"], r["server_us_per_request"]["median"])
+    g, gr = ours["guest"], ref["guest"]
+    out["guest"] = {k: ratio(g[k]["median"], gr[k]["median"]) for k in g if k in gr}
+    return out
 
 
 def machine() -> dict[str, Any]:
@@ -273,14 +445,32 @@ def machine() -> dict[str, Any]:
             "load_before": os.getloadavg(), "kvm_pvm": Path("/sys/module/kvm_pvm").exists()}
 
 
-def main() -> None:
+def parse_size(text: str) -> int:
+    """`16M`, `512K`, `1G` or a plain number of bytes."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    text = text.strip()
+    if text and text[-1].upper() in units:
+        return int(text[:-1]) * units[text[-1].upper()]
+    return int(text)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--size", type=int, default=16 << 20, help="bytes written and read back")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--size", type=parse_size, default=2 << 20, help="bytes written and read back (2M)")
+    p.add_argument("--files", type=int, default=100, help="files in the small-file workload (100)")
     p.add_argument("--configs", default=",".join(CONFIGS),
                    help=f"comma-separated subset of {', '.join(CONFIGS)}")
     p.add_argument("--kernel", type=Path, help="guest kernel (default: the cached project kernel)")
-    args = p.parse_args()
+    p.add_argument("--from-raw", type=Path, metavar="JSON",
+                   help="no boots: summarize the raw rounds a previous run saved (fuse_backends-raw.json)")
+    args = p.parse_args(argv)
+    command = "python bench/fuse_backends.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.from_raw is not None:
+        raw = json.loads(args.from_raw.read_text())
+        report({c: [Round.from_json(r) for r in rs] for c, rs in raw["rounds"].items()},
+               raw["census"], raw["args"], raw["machine"], raw["command"], raw["wall_s"])
+        return
     configs = [c for c in args.configs.split(",") if c]
     unknown = set(configs) - set(CONFIGS)
     if unknown:
@@ -288,11 +478,13 @@ def main() -> None:
     if args.kernel is None:
         from guest.build import ensure_kernel
         args.kernel = ensure_kernel(progress=lambda m: print(f"guest kernel: {m}", file=sys.stderr))
+    text = script(args.size, args.files)
     desc = machine()
     print(f"load average before: {desc['load_before']}", file=sys.stderr)
     rounds: dict[str, list[Round]] = {c: [] for c in configs}
     census = None
     workroot = Path(tempfile.mkdtemp(prefix="pyvmm-bench-"))
+    started_all = time.monotonic()
     try:
         if any("virtiofsd" in c for c in configs):
             share = workroot / "census"
@@ -300,7 +492,8 @@ def main() -> None:
             wd = workroot / "census-wd"
             wd.mkdir()
             print("virtiofsd request census (-d, untimed) ...", file=sys.stderr)
-            census = virtiofsd_census(share, wd, args.kernel, args.size)
+            census = virtiofsd_census(share, wd, args.kernel, text)
+            print(f"census: { {seg: sum(c.values()) for seg, c in census.items()} }", file=sys.stderr)
         for i in range(args.rounds):
             order = configs if i % 2 == 0 else list(reversed(configs))   # alternate
             for config in order:
@@ -309,56 +502,99 @@ def main() -> None:
                 wd = Path(tempfile.mkdtemp(prefix="w", dir=workroot))
                 started = time.monotonic()
                 if config.startswith("qemu+"):
-                    rnd = run_qemu(config, share, wd, args.kernel, args.size)
+                    rnd = run_qemu(config, share, wd, args.kernel, text)
                 else:
-                    rnd, _ = run_ours(config, share, wd, args.kernel, args.size)
+                    rnd, _ = run_ours(config, share, wd, args.kernel, text)
                 rounds[config].append(rnd)
                 d = rnd.segment("probe")
-                print(f"round {i + 1} {config}: {time.monotonic() - started:.0f} s, probe segment "
-                      f"{ {k: round(v, 4) for k, v in d.items()} }", file=sys.stderr)
+                print(f"round {i + 1} {config}: {time.monotonic() - started:.0f} s, probe: server "
+                      f"{d['server_s'] * 1e3:.1f} ms, vmm {d['vmm_s'] * 1e3:.1f} ms, "
+                      f"requests {d.get('requests', '(census)')}", file=sys.stderr)
                 shutil.rmtree(share, ignore_errors=True)
     finally:
         shutil.rmtree(workroot, ignore_errors=True)
     desc["load_after"] = os.getloadavg()
-    summaries = {c: summarize(rs, census if "virtiofsd" in c else None) for c, rs in rounds.items()}
-    ratios: dict[str, Any] = {}
-    for ours, ref in (("ours-inproc", "virtiofsd"), ("ours-vhost-user", "virtiofsd"),
-                      ("qemu+ours-vhost-user", "qemu+virtiofsd")):
-        if ours in summaries and ref in summaries:
-            ratios[f"{ours} / {ref}"] = {
-                seg: (server_cpu(summaries[ours], seg) or 0) / (server_cpu(summaries[ref], seg) or 1)
-                for seg in ("probe", "io")}
-            ratios[f"{ours} / {ref}"]["probe_ns_per_stat"] = (
-                summaries[ours]["guest"]["probe_ns_per_stat"]["median"]
-                / summaries[ref]["guest"]["probe_ns_per_stat"]["median"])
+    wall = round(time.monotonic() - started_all)
+    run_args = {"rounds": args.rounds, "size": args.size, "files": args.files, "configs": configs}
+    # The raw rounds first: a summary bug must not cost the half hour of boots behind it.
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "fuse_backends-raw.json").write_text(json.dumps(
+        {"rounds": {c: [r.to_json() for r in rs] for c, rs in rounds.items()}, "census": census,
+         "args": run_args, "machine": desc, "command": command, "wall_s": wall}) + "\n")
+    report(rounds, census, run_args, desc, command, wall)
+
+
+def report(rounds: dict[str, list[Round]], census: dict[str, dict[str, int]] | None,
+           run_args: dict[str, Any], desc: dict[str, Any], command: str, wall: int) -> None:
+    """Summaries, ratios, the JSON result and the table."""
+    summaries = {c: summarize(rs, census if "virtiofsd" in c else None, run_args["size"])
+                 for c, rs in rounds.items()}
+    ratios = {f"{ours} / {ref}": compare(summaries[ours], summaries[ref])
+              for ours, ref in PAIRS if ours in summaries and ref in summaries}
     write_result("fuse_backends", {
-        "machine": desc, "rounds": args.rounds, "size": args.size, "configs": configs,
-        "virtiofsd_census": census, "results": summaries, "ratios_server_cpu_per_request": ratios,
-        "command": "python bench/fuse_backends.py " + " ".join(sys.argv[1:])})
+        "machine": desc, **run_args, "small_file_size": SMALL_FILE_SIZE, "wall_s": wall,
+        "virtiofsd_census": census, "results": summaries, "ratios": ratios, "command": command})
     print_table(summaries, ratios, desc)
+    print("\n" + markdown(summaries, ratios), file=sys.stderr)
+
+
+FRONTENDS = {"ours-inproc": "our VMM, device in-process", "ours-vhost-user": "our VMM, vhost-user",
+             "qemu+ours-vhost-user": "QEMU 7.2, vhost-user"}
+
+
+def markdown(summaries: dict[str, Any], ratios: dict[str, Any]) -> str:
+    """The README's tables: server CPU per request against C virtiofsd, then the guest's view."""
+    def us(row: dict[str, Any], key: str) -> str:
+        return f"{row[key]['median']:.0f} ({row[key]['min']:.0f})" if key in row else "-"
+
+    def x(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f}"
+
+    lines = ["| workload | front-end | requests ours / virtiofsd | ours: server us/request | "
+             "ours: worker thread | C virtiofsd | ratio (min) |", "|---|---|---|---|---|---|---|"]
+    for w in WORKLOADS:
+        for (ours, ref) in PAIRS:
+            key = f"{ours} / {ref}"
+            if key not in ratios:
+                continue
+            o, r, q = summaries[ours][w], summaries[ref][w], ratios[key][w]
+            reqs = "/".join(str(int(v)) for v in o["requests"]["all"])
+            lines.append(f"| {w} | {FRONTENDS[ours]} | {reqs} / {r['requests']['median']:.0f} | "
+                         f"{us(o, 'server_us_per_request')} | {us(o, 'worker_us_per_request')} | "
+                         f"{us(r, 'server_us_per_request')} | **{x(q['server_us_per_request'])}** "
+                         f"({x(q['server_us_per_request_min'])}) |")
+    lines += ["", "| configuration | ns per missing-name stat | small file: write / stat / read / unlink, ms "
+              "| big file write / read, MiB/s |", "|---|---|---|---|"]
+    for c, s in summaries.items():
+        g = s["guest"]
+        small = " / ".join(f"{g[f'small_{op}_ns']['median'] / 1e6:.0f}" for op in SMALL_OPS
+                           if f"small_{op}_ns" in g)
+        lines.append(f"| {c} | {g['probe_ns_per_stat']['median'] / 1e6:.1f} ms | {small} | "
+                     f"{g['write_mib_s']['median']:.3f} / {g['read_mib_s']['median']:.3f} |")
+    return "\n".join(lines) + "\n"
 
 
 def print_table(summaries: dict[str, Any], ratios: dict[str, Any], desc: dict[str, Any]) -> None:
+    err = sys.stderr
     print(f"\nload {desc['load_before'][0]:.2f} before, {desc['load_after'][0]:.2f} after; "
-          "medians (min) of CPU us per FUSE request", file=sys.stderr)
-    print(f"{'config':22} {'probe: server':>16} {'probe: VMM':>12} {'io: server':>14} {'io reqs':>8} "
-          f"{'ns/stat':>10} {'write MiB/s':>11} {'read MiB/s':>10}", file=sys.stderr)
+          "server CPU us per FUSE request, median (min); requests (median)", file=err)
+    print(f"{'config':22}" + "".join(f" {w + ' us':>14} {w + ' reqs':>10}" for w in WORKLOADS)
+          + f" {'ns/stat':>10} {'write MiB/s':>11} {'read MiB/s':>10}", file=err)
     for c, s in summaries.items():
-        def cell(seg: str, key: str | None = None) -> str:
-            row = s[seg]  # noqa: B023 - called only within this iteration
-            if key is None:
-                key = "worker_us_per_request" if "worker_us_per_request" in row else "server_process_us_per_request"
-            if key not in row:
-                return "-"
-            return f"{row[key]['median']:.0f} ({row[key]['min']:.0f})"
+        cells = ""
+        for w in WORKLOADS:
+            row = s[w]["server_us_per_request"]
+            cells += f" {row['median']:>7.0f} ({row['min']:>4.0f}) {s[w]['requests']['median']:>10.0f}"
         g = s["guest"]
-        print(f"{c:22} {cell('probe'):>16} {cell('probe', 'vmm_process_us_per_request'):>12} "
-              f"{cell('io'):>14} {statistics.median(s['io']['requests']):>8.0f} "
-              f"{g['probe_ns_per_stat']['median']:>10.0f} {g['write_mib_s']['median']:>11.2f} "
-              f"{g['read_mib_s']['median']:>10.2f}", file=sys.stderr)
+        print(f"{c:22}{cells} {g['probe_ns_per_stat']['median']:>10.0f} "
+              f"{g['write_mib_s']['median']:>11.3f} {g['read_mib_s']['median']:>10.3f}", file=err)
+    def x(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f}x"
     for name, r in ratios.items():
-        print(f"{name}: server CPU per request probe {r['probe']:.2f}x, io {r['io']:.2f}x; "
-              f"guest ns per stat {r['probe_ns_per_stat']:.2f}x", file=sys.stderr)
+        cells = ", ".join(f"{w} {x(r[w]['server_us_per_request'])} ({x(r[w]['requests'])} requests)"
+                          for w in WORKLOADS)
+        print(f"{name}: server CPU per request {cells}; guest ns per stat "
+              f"{x(r['guest'].get('probe_ns_per_stat'))}", file=err)
 
 
 if __name__ == "__main__":
