@@ -14,6 +14,7 @@ import pytest
 from test_fuse_memfs import MemFS, do_init
 
 from fuse.server import Server
+from tests.test_passthrough_wire import Wire
 
 
 @pytest.fixture
@@ -38,3 +39,19 @@ def share(tmp_path: Path) -> Path:
     d = tmp_path / "share"
     d.mkdir()
     return d
+
+
+@pytest.fixture
+def wire():
+    """Wire(share, **options), each destroyed at the end: a passthrough's fds are plain ints
+    that only destroy() closes (a test holding 1,000 handles must not leave them behind)."""
+    made: list[Wire] = []
+
+    def make(share, **kw) -> Wire:
+        w = Wire(share, **kw)
+        made.append(w)
+        return w
+
+    yield make
+    for w in made:
+        w.fs.destroy()

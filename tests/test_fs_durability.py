@@ -28,22 +28,6 @@ SIZE = 256 << 10
 
 
 @pytest.fixture
-def wire():
-    """Wire(share, **options), each destroyed at the end: a passthrough's fds are plain ints
-    that only destroy() closes (a test holding 1,000 handles must not leave them behind)."""
-    made: list[Wire] = []
-
-    def make(share, **kw) -> Wire:
-        w = Wire(share, **kw)
-        made.append(w)
-        return w
-
-    yield make
-    for w in made:
-        w.fs.destroy()
-
-
-@pytest.fixture
 def disk(tmp_path):
     with ext4_on_loop(tmp_path) as (mnt, image):
         share = mnt / "share"

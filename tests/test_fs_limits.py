@@ -31,22 +31,6 @@ PAGE = 4096
 
 
 @pytest.fixture
-def wire():
-    """Wire(share, **options), each destroyed at the end: a passthrough's fds are plain ints
-    that only destroy() closes (a test holding 1,000 handles must not leave them behind)."""
-    made: list[Wire] = []
-
-    def make(share, **kw) -> Wire:
-        w = Wire(share, **kw)
-        made.append(w)
-        return w
-
-    yield make
-    for w in made:
-        w.fs.destroy()
-
-
-@pytest.fixture
 def share(tmp_path: Path) -> Path:
     d = tmp_path / "share"
     d.mkdir()
