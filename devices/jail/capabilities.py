@@ -109,7 +109,9 @@ def get() -> tuple[int, int, int]:
     return join("effective"), join("permitted"), join("inheritable")
 
 
-def _capset(effective: int, permitted: int, inheritable: int) -> None:
+def set_current(effective: int, permitted: int, inheritable: int) -> None:
+    """capset(2) of the calling thread (masks as :func:`get` returns them); the kernel refuses
+    anything above the permitted set."""
     hdr = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
     data = (_CapData * 2)()
     for i in range(2):
@@ -154,5 +156,5 @@ def drop_to(keep: int) -> int:
         if not keep >> cap & 1:
             _sys.prctl(_sys.PR_CAPBSET_DROP, cap)
     _sys.prctl(_sys.PR_CAP_AMBIENT, _sys.PR_CAP_AMBIENT_CLEAR_ALL)
-    _capset(keep, keep, 0)
+    set_current(keep, keep, 0)
     return keep

@@ -41,6 +41,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from devices.jail import capabilities
 from fuse.logthrottle import LogThrottle
 
 logger = logging.getLogger(__name__)
@@ -53,23 +54,11 @@ _libc.syscall.restype = ctypes.c_long
 # x86_64 system call numbers (the VMM is x86_64-only).
 SYS_setfsuid = 122
 SYS_setfsgid = 123
-SYS_capget = 125
-SYS_capset = 126
 SYS_unshare = 272
 CLONE_FS = 0x00000200
 
-_LINUX_CAPABILITY_VERSION_3 = 0x20080522
 #: setfsuid/setfsgid(-1) change nothing and return the current id: how success is checked.
 _QUERY = 0xFFFFFFFF
-
-
-class _CapHeader(ctypes.Structure):
-    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
-
-
-class _CapData(ctypes.Structure):
-    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
-                ("inheritable", ctypes.c_uint32)]
 
 
 def _syscall(what: str, nr: int, *args: object) -> int:
@@ -110,17 +99,6 @@ def _set_fsid(nr: int, what: str, value: int) -> int:
     return previous
 
 
-def _capget() -> tuple[_CapHeader, ctypes.Array]:
-    hdr = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
-    data = (_CapData * 2)()
-    _syscall("capget", SYS_capget, ctypes.byref(hdr), data)
-    return hdr, data
-
-
-def _capset(hdr: _CapHeader, data: ctypes.Array) -> None:
-    _syscall("capset", SYS_capset, ctypes.byref(hdr), data)
-
-
 @contextmanager
 def creating_as(uid: int, gid: int, umask: int, switch: bool) -> Iterator[None]:
     """Run the block as a creation by ``uid``/``gid`` under ``umask`` (see the module docstring).
@@ -135,12 +113,12 @@ def creating_as(uid: int, gid: int, umask: int, switch: bool) -> Iterator[None]:
             return
         if uid == _QUERY or gid == _QUERY:
             raise OSError(errno.EINVAL, "uid or gid -1")
-        hdr, caps = _capget()
+        saved = capabilities.get()   # (effective, permitted, inheritable)
         old_gid = _set_fsid(SYS_setfsgid, "setfsgid", gid)
         try:
             old_uid = _set_fsid(SYS_setfsuid, "setfsuid", uid)
             try:
-                _capset(hdr, caps)       # what the fs uid change took from the effective set
+                capabilities.set_current(*saved)  # what the fs uid change took from the effective set
                 yield
             finally:
                 _libc.syscall(SYS_setfsuid, ctypes.c_uint32(old_uid))
@@ -148,7 +126,7 @@ def creating_as(uid: int, gid: int, umask: int, switch: bool) -> Iterator[None]:
             _libc.syscall(SYS_setfsgid, ctypes.c_uint32(old_gid))
             # Back at the old fs uid the kernel re-raised the file-system capabilities that are
             # permitted; that is the effective set of before unless it was smaller.
-            if any(c.effective != c.permitted for c in caps):
-                _capset(hdr, caps)
+            if saved[0] != saved[1]:
+                capabilities.set_current(*saved)
     finally:
         os.umask(old_umask)
