@@ -55,3 +55,22 @@ def wire():
     yield make
     for w in made:
         w.fs.destroy()
+
+
+#: Tests that take a minute or more here (`pytest --durations`), started first so that a parallel
+#: run (`-n auto`, see the README's test command) does not end with one worker alone on a long
+#: test while the other is idle. Names, not markers: the order is a scheduling concern of this
+#: suite, not a property of the tests.
+SLOW_FIRST = (
+    "test_pjdfstest_has_only_the_listed_deviations",
+    "test_two_and_eight_vcpus_come_online",
+    "test_large_file_64mib",
+    "test_negative_timeout_probe_counted_by_the_backend",
+    "test_a_16mib_write_asks_no_getxattr_per_write",
+    "test_probe_pattern_ten_times_fewer_lookups",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Slow tests first, everything else in collection order (the sort is stable)."""
+    items.sort(key=lambda item: getattr(item, "originalname", item.name) not in SLOW_FIRST)
