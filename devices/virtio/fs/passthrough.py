@@ -354,11 +354,10 @@ class PassthroughFs(FileSystem):
 
     @_guard
     def lookup(self, ctx: Context, parent: int, name: bytes) -> Entry:
+        name = check_name(name)
         with self._inodes.pin(parent) as p:
             try:
-                # check_name inside the try: a name the host refuses (ENAMETOOLONG) takes the
-                # same negative-entry decision as any other error, and only ENOENT is cached.
-                return self._do_lookup(p, check_name(name))
+                return self._do_lookup(p, name)
             except OSError as e:
                 neg = self.options.negative_timeout
                 if e.errno == errno.ENOENT and neg > 0:
