@@ -165,21 +165,30 @@ def test_probe_pattern_ten_times_fewer_lookups(boot, tmp_path):
 
 
 def test_other_lookup_errors_are_never_cached(boot, tmp_path):
-    """Only ENOENT becomes a negative entry. A 256-byte name is legal for the guest's FUSE client
-    (its limit is 1024) but the host answers ENAMETOOLONG: the guest cannot answer it by itself,
-    so every stat must reach the host. A name under a regular file is answered by the guest's own
-    path walk (ENOTDIR) and never reaches the host at all. The missing name beside them proves
-    negative caching was on in the same run."""
+    """Only ENOENT becomes a negative entry. With max_inodes reached, a LOOKUP of a name the
+    device does not know yet fails with ENFILE inside the passthrough's lookup (where the
+    negative-entry decision is taken): every stat of it must reach the host. A 256-byte name is
+    legal for the guest's FUSE client (its limit is 1024) but the protocol layer answers
+    ENAMETOOLONG before the file system sees it: also never cached. A name under a regular file is
+    answered by the guest's own path walk (ENOTDIR) and never reaches the host at all. The
+    missing name beside them proves negative caching was on in the same run."""
     root = tmp_path / "share"
     root.mkdir()
     (root / "plain-file").write_bytes(b"x")
+    known = [f"f{i:02}" for i in range(14)]            # + the root and plain-file: 16 node ids
+    for name in known + ["one-too-many"]:
+        (root / name).write_bytes(b"y")
     long = "n" * 256
-    r = boot(f"stat /mnt/share/{long} x3 expect=ENAMETOOLONG\n"
+    r = boot("".join(f"stat /mnt/share/{n}\n" for n in known) +
+             f"stat /mnt/share/{long} x3 expect=ENAMETOOLONG\n"
              f"stat /mnt/share/plain-file/child x5 expect=ENOTDIR\n"
+             f"stat /mnt/share/one-too-many x3 expect=ENFILE\n"
              f"stat /mnt/share/missing x4 expect=ENOENT\nexit 0\n",
-             shares=(share(root, negative_timeout=60),))
+             shares=(share(root, negative_timeout=60, max_inodes=16),))
     assert_ok(r)
     fs = fs_metrics(r)
+    assert lookups(r, "one-too-many") == 3            # every ENFILE went to the host
+    assert fs["errors"].get("ENFILE") == 3
     assert lookups(r, long) == 3                      # every ENAMETOOLONG went to the host
     assert fs["errors"].get("ENAMETOOLONG") == 3
     assert lookups(r, "child") == 0                   # the guest knew plain-file is no dir
