@@ -48,7 +48,7 @@ TREE_NAME = "linux-source-6.1"        # the tarball's top-level directory
 ARCH = "x86_64"                       # also makes tinyconfig 64-bit
 # Bump when the recipe below changes in a way that changes the output.
 RECIPE_VERSION = "2"   # 2: also builds an LZ4 bzImage
-KEEP_KERNELS = 3          # cached kernels kept (other checkouts/branches may want older ones)
+KEEP_KERNELS = 8          # cached kernels kept (other checkouts, branches and variants may want older ones)
 
 GUEST_DIR = Path(__file__).resolve().parent
 FRAGMENT = GUEST_DIR / "kernel" / "pyvmm.config"
