@@ -268,8 +268,8 @@ class GuestMemory:
         if gpa < 0 or length < 0:
             raise GuestMemoryError(f"invalid guest access gpa={gpa:#x} length={length}")
         for r in self.regions:
-            if r.gpa <= gpa < r.end:
-                off = gpa - r.gpa
+            off = gpa - r.gpa
+            if 0 <= off < r.size:  # not r.end: a property call per region, per descriptor
                 if length > r.size - off:
                     raise GuestMemoryError(
                         f"guest access [{gpa:#x}, {gpa + length:#x}) leaves RAM region "

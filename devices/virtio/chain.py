@@ -87,6 +87,8 @@ def _chunks(bufs: list[memoryview]):
 class ChainReader:
     """The device-readable half of a chain (the FUSE request), consumed front to back."""
 
+    __slots__ = ("_seg", "_pos")
+
     def __init__(self, chain: DescriptorChain) -> None:
         self._seg = _Segments(chain.readable)
         self._pos = 0
@@ -126,6 +128,8 @@ class ChainReader:
 
 class ChainWriter:
     """The device-writable half of a chain (the FUSE reply)."""
+
+    __slots__ = ("_seg", "_pos", "_high")
 
     def __init__(self, chain: DescriptorChain) -> None:
         self._seg = _Segments(chain.writable)

@@ -68,7 +68,15 @@ class TableLock:
         self._lock.release()
 
     def __enter__(self) -> None:
-        if not self.acquire():
+        # acquire() written out: every request takes this lock twice per pin.
+        lock = self._lock
+        try:
+            taken = lock.acquire(True, LOCK_TIMEOUT)
+        except BaseException:
+            if lock._is_owned():  # type: ignore[attr-defined]
+                lock.release()
+            raise
+        if not taken:
             logger.error("%s lock held for more than %.0f s: refusing the request", self._what,
                          LOCK_TIMEOUT)
             raise OSError(errno.EDEADLK, f"{self._what} is wedged")

@@ -96,6 +96,7 @@ class FsWorker:
         # The request being served (queue, chain, start time), for stop()'s diagnosis.
         self._current: tuple[int, DescriptorChain, float] | None = None
         self._os_name = os_name
+        self._should_stop = self.stop_requested  # one bound method, not one per request
         self._stop_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
@@ -221,7 +222,7 @@ class FsWorker:
         writer = ChainWriter(chain)
         try:
             n = self.server.handle(ChainReader(chain), writer, queue=i,
-                                   should_stop=self.stop_requested)
+                                   should_stop=self._should_stop)
         except Exception as e:  # never let one request end the worker
             self.counters.handler_errors += 1
             self._log.sample(f"handler:{type(e).__name__}", logging.ERROR,
