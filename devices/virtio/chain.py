@@ -54,13 +54,11 @@ class _Segments:
     def first_piece(self, pos: int, size: int) -> memoryview | None:
         """The one view slice covering [pos, pos + size), or None if the range crosses views
         (the caller has checked the range and that ``size`` > 0)."""
-        views = self.views
-        if len(views) == 1:
-            return views[0][pos:pos + size]
-        i, off = self._locate(pos)
-        v = views[i]
-        if off + size <= len(v):
-            return v[off:off + size]
+        for v in self.views:  # a request has one to a few buffers: a walk beats a bisect
+            n = len(v)
+            if pos < n:
+                return v[pos:pos + size] if pos + size <= n else None
+            pos -= n
         return None
 
     def slices(self, pos: int, size: int) -> list[memoryview]:
