@@ -46,6 +46,7 @@ def main() -> None:
     p.add_argument("--cprofile", action="store_true", help="profile the worker thread")
     p.add_argument("--top", type=int, default=30)
     p.add_argument("--name", default="fuse_worker_profile", help="result file name")
+    p.add_argument("--kernel", default="auto", help="guest kernel (default: the cached project kernel)")
     args = p.parse_args()
 
     from vmm.control import request
@@ -88,7 +89,7 @@ def main() -> None:
                            "notifications": stats["virtio"]["notifications"]}
 
         cfg = guest_config(script, [FsOptions(source=str(share), tag=TAG)], vcpus=args.vcpus,
-                           timeout=1800)
+                           timeout=1800, kernel=args.kernel)
         result, output = run_guest(cfg, control_path=ctl, on_line=on_line)
         if result.exit_status != 0:
             raise SystemExit(f"guest failed: {result.message}\n{output[-2000:]}")
