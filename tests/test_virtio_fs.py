@@ -530,3 +530,23 @@ def test_which_requests_go_to_the_blocking_pool():
     assert not blocking_request(chain(abi.Opcode.READ))  # no read_in: the server rejects it inline
     assert not blocking_request(DescriptorChain(0, [memoryview(b"\0" * 4)]))
     assert not blocking_request(DescriptorChain(0))
+
+
+def test_a_large_read_is_served_by_the_pool(guest, share):
+    """A 1 MiB READ goes to the blocking pool (issue 9 item 4) and still returns the file's data."""
+    data = os.urandom(1 << 20)
+    (share / "big").write_bytes(data)
+    assert guest.up() & VIRTIO_CONFIG_S_DRIVER_OK
+    guest.init()
+    err, body = guest.fuse(abi.Opcode.LOOKUP, 1, b"big\0", abi.ENTRY_OUT.size)
+    assert err == 0
+    nodeid = abi.ENTRY_OUT.unpack(body).nodeid
+    err, body = guest.fuse(abi.Opcode.OPEN, nodeid, abi.OPEN_IN.pack(flags=os.O_RDONLY), abi.OPEN_OUT.size)
+    assert err == 0
+    fh = abi.OPEN_OUT.unpack(body).fh
+    for _ in range(2):
+        rd = abi.READ_IN.pack(fh=fh, offset=0, size=len(data))
+        err, body = guest.fuse(abi.Opcode.READ, nodeid, rd, 0, indirect=True,
+                               out_split=[abi.OUT_HEADER.size] + [4096] * 256)
+        assert err == 0 and body == data
+    assert guest.dev.metrics()["virtio"]["pooled"] == 2
