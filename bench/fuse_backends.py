@@ -81,8 +81,9 @@ BOOT_TIMEOUT = 1800
 
 
 # ---------------------------------------------------------------------------- the guest script
-def script(size: int, files: int) -> str:
-    """The agent script: marks around each workload, a 300 ms idle after each mark."""
+def script(size: int, files: int, probe: tuple[int, int] = (50, 20)) -> str:
+    """The agent script: marks around each workload, a 300 ms idle after each mark; ``probe`` is
+    (missing names, rounds)."""
     m = f"/mnt/{TAG}"
     small = [f"write {m}/s{i} {SMALL_FILE_SIZE} {i}" for i in range(files)]
     small += [f"stat {m}/s{i}" for i in range(files)]
@@ -90,7 +91,7 @@ def script(size: int, files: int) -> str:
     small += [f"unlink {m}/s{i}" for i in range(files)]
     return render([
         "mark m0", "sleep 300",
-        f"probe {m} 50 20 expect=ENOENT",
+        f"probe {m} {probe[0]} {probe[1]} expect=ENOENT",
         "mark m1", "sleep 300",
         *small,
         "mark m2", "sleep 300",
@@ -459,6 +460,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--size", type=parse_size, default=2 << 20, help="bytes written and read back (2M)")
     p.add_argument("--files", type=int, default=100, help="files in the small-file workload (100)")
+    p.add_argument("--probe", default="50x20", help="missing names x rounds of the probe (50x20)")
     p.add_argument("--configs", default=",".join(CONFIGS),
                    help=f"comma-separated subset of {', '.join(CONFIGS)}")
     p.add_argument("--kernel", type=Path, help="guest kernel (default: the cached project kernel)")
@@ -478,7 +480,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.kernel is None:
         from guest.build import ensure_kernel
         args.kernel = ensure_kernel(progress=lambda m: print(f"guest kernel: {m}", file=sys.stderr))
-    text = script(args.size, args.files)
+    names, probe_rounds = (int(x) for x in args.probe.split("x"))
+    text = script(args.size, args.files, (names, probe_rounds))
     desc = machine()
     print(f"load average before: {desc['load_before']}", file=sys.stderr)
     rounds: dict[str, list[Round]] = {c: [] for c in configs}
@@ -515,7 +518,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         shutil.rmtree(workroot, ignore_errors=True)
     desc["load_after"] = os.getloadavg()
     wall = round(time.monotonic() - started_all)
-    run_args = {"rounds": args.rounds, "size": args.size, "files": args.files, "configs": configs}
+    run_args = {"rounds": args.rounds, "size": args.size, "files": args.files, "configs": configs,
+                "probe": args.probe}
     # The raw rounds first: a summary bug must not cost the half hour of boots behind it.
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "fuse_backends-raw.json").write_text(json.dumps(

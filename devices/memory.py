@@ -268,8 +268,8 @@ class GuestMemory:
         if gpa < 0 or length < 0:
             raise GuestMemoryError(f"invalid guest access gpa={gpa:#x} length={length}")
         for r in self.regions:
-            if r.gpa <= gpa < r.end:
-                off = gpa - r.gpa
+            off = gpa - r.gpa
+            if 0 <= off < r.size:  # not r.end: a property call per region, per descriptor
                 if length > r.size - off:
                     raise GuestMemoryError(
                         f"guest access [{gpa:#x}, {gpa + length:#x}) leaves RAM region "
@@ -310,6 +310,13 @@ class GuestMemory:
     # ---- access -------------------------------------------------------------------------
     def view(self, gpa: int, length: int) -> memoryview:
         """A writable view of guest RAM; the range must lie inside one region."""
+        # Fast path, without the _locate call: a virtqueue takes a view per descriptor, and the
+        # worker runs cold (issue 9). Anything unusual falls through to the checked path below.
+        if length > 0:
+            for r in self.regions:
+                off = gpa - r.gpa
+                if 0 <= off and off + length <= r.size and r._view is not None:
+                    return r._view[off:off + length]
         if length == 0 and gpa >= 0:
             return memoryview(b"")  # an empty range lies inside anything
         r, off = self._locate(gpa, length)

@@ -130,7 +130,9 @@ class Server:
             room = writer.remaining()
             if not no_reply and room < OUT_HEADER_SIZE:
                 raise Drop(f"no room for a reply ({room} writable bytes)")
-            reader = self._bound(reader, avail - IN_HEADER_SIZE, length, extlen)
+            if length != avail or extlen or length > self.max_request:
+                # Not the usual request that fills its buffers exactly: check it, cut extensions.
+                reader = self._bound(reader, avail - IN_HEADER_SIZE, length, extlen)
             if op is None:
                 # Known-but-unserved opcodes (locks, ioctl, DAX, TMPFILE...) are a normal
                 # ENOSYS the guest learns from; an opcode outside the ABI is worth a log line.

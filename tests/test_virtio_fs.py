@@ -428,3 +428,125 @@ def test_a_stuck_request_cannot_hang_the_vcpu_that_resets_the_device(share, capl
     finally:
         made[0].release.set()
         g.close()
+
+
+class _BlockingFsyncFs(PassthroughFs):
+    """FSYNC blocks until released: a write-back of a big dirty file on a slow disk."""
+
+    def __init__(self, options: FsOptions) -> None:
+        super().__init__(options)
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def fsync(self, ctx, nodeid, fh, datasync):
+        self.entered.set()
+        self.release.wait()
+        return super().fsync(ctx, nodeid, fh, datasync)
+
+
+def _blocking_fsync_guest(share, made):
+    def factory(options):
+        made.append(_BlockingFsyncFs(options))
+        return made[0]
+
+    g = Guest(FsOptions(source=str(share), tag="myfs"), factory)
+    assert g.up() & VIRTIO_CONFIG_S_DRIVER_OK
+    g.init()
+    create = abi.CREATE_IN.pack(flags=os.O_RDWR | os.O_CREAT, mode=0o100644, umask=0o022)
+    err, body = g.fuse(abi.Opcode.CREATE, 1, create + b"big\0", abi.ENTRY_OUT.size + abi.OPEN_OUT.size)
+    assert err == 0
+    nodeid = abi.ENTRY_OUT.unpack(body).nodeid
+    fh = abi.OPEN_OUT.unpack(body, abi.ENTRY_OUT.size).fh
+    hdr = abi.IN_HEADER.pack(len=abi.IN_HEADER.size + abi.FSYNC_IN.size, opcode=abi.Opcode.FSYNC,
+                             unique=7777, nodeid=nodeid)
+    head, _ = g.queues[1].add_chain([hdr, abi.FSYNC_IN.pack(fh=fh)], [abi.OUT_HEADER.size])
+    g.kick(1)
+    assert made[0].entered.wait(WAIT_S), "FSYNC never reached the file system"
+    return g, head
+
+
+def test_a_slow_fsync_does_not_hold_up_the_lookups_behind_it(share):
+    """Several requests in flight (issue 9 item 4): while an FSYNC waits on the disk, LOOKUPs
+    queued after it on the same queue are answered."""
+    made: list[_BlockingFsyncFs] = []
+    g, fsync_head = _blocking_fsync_guest(share, made)
+    try:
+        (share / "there").write_bytes(b"x")
+        err, body = g.fuse(abi.Opcode.LOOKUP, 1, b"there\0", abi.ENTRY_OUT.size)
+        assert err == 0 and abi.ENTRY_OUT.unpack(body).nodeid > 1
+        err, _ = g.fuse(abi.Opcode.LOOKUP, 1, b"missing\0", abi.ENTRY_OUT.size)
+        assert err == errno.ENOENT
+        assert fsync_head not in [h for h, _ in g.queues[1].used_elems()]  # still in progress
+
+        made[0].release.set()
+        used = g.queues[1].used_idx()
+        deadline = threading.Event()
+        for _ in range(int(WAIT_S / 0.01)):
+            if fsync_head in [h for h, _ in g.queues[1].used_elems()]:
+                break
+            deadline.wait(0.01)
+        assert (fsync_head, abi.OUT_HEADER.size) in g.queues[1].used_elems()
+        assert g.queues[1].used_idx() == (used + 1) & 0xFFFF
+        assert g.dev.metrics()["virtio"]["pooled"] == 1
+    finally:
+        made[0].release.set()
+        g.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("virtio-fs")]
+
+
+def test_a_stuck_pooled_request_is_reported_and_its_thread_ends(share, caplog):
+    made: list[_BlockingFsyncFs] = []
+    g, fsync_head = _blocking_fsync_guest(share, made)
+    g.dev.stop_timeout = 0.2
+    try:
+        used_before = g.queues[1].used_idx()
+        g.mmio.w(0x70, 0)  # the driver resets the device while FSYNC is stuck
+        assert "stuck in FSYNC unique=7777 on queue 1" in caplog.text
+        made[0].release.set()
+        for t in [t for t in threading.enumerate() if t.name.startswith("virtio-fs")]:
+            t.join(WAIT_S)
+        assert not [t for t in threading.enumerate() if t.name.startswith("virtio-fs")]
+        assert g.queues[1].used_idx() == used_before  # the old rings were not touched
+    finally:
+        made[0].release.set()
+        g.close()
+
+
+def test_which_requests_go_to_the_blocking_pool():
+    from devices.virtio.fs.worker import BLOCKING_IO_SIZE, blocking_request
+    from devices.virtio.queue import DescriptorChain
+
+    def chain(opcode, arg=b"", split=True):
+        hdr = abi.IN_HEADER.pack(len=abi.IN_HEADER.size + len(arg), opcode=opcode, unique=1, nodeid=2)
+        parts = [hdr, arg] if split else [hdr + arg]
+        return DescriptorChain(0, [memoryview(bytearray(p)) for p in parts if p])
+
+    for split in (True, False):
+        assert blocking_request(chain(abi.Opcode.FSYNC, abi.FSYNC_IN.pack(fh=1), split))
+        assert blocking_request(chain(abi.Opcode.READ, abi.READ_IN.pack(size=BLOCKING_IO_SIZE), split))
+        assert blocking_request(chain(abi.Opcode.WRITE, abi.WRITE_IN.pack(size=1 << 20), split))
+        assert not blocking_request(chain(abi.Opcode.READ, abi.READ_IN.pack(size=128 << 10), split))
+        assert not blocking_request(chain(abi.Opcode.LOOKUP, b"name\0", split))
+    assert not blocking_request(chain(abi.Opcode.READ))  # no read_in: the server rejects it inline
+    assert not blocking_request(DescriptorChain(0, [memoryview(b"\0" * 4)]))
+    assert not blocking_request(DescriptorChain(0))
+
+
+def test_a_large_read_is_served_by_the_pool(guest, share):
+    """A 1 MiB READ goes to the blocking pool (issue 9 item 4) and still returns the file's data."""
+    data = os.urandom(1 << 20)
+    (share / "big").write_bytes(data)
+    assert guest.up() & VIRTIO_CONFIG_S_DRIVER_OK
+    guest.init()
+    err, body = guest.fuse(abi.Opcode.LOOKUP, 1, b"big\0", abi.ENTRY_OUT.size)
+    assert err == 0
+    nodeid = abi.ENTRY_OUT.unpack(body).nodeid
+    err, body = guest.fuse(abi.Opcode.OPEN, nodeid, abi.OPEN_IN.pack(flags=os.O_RDONLY), abi.OPEN_OUT.size)
+    assert err == 0
+    fh = abi.OPEN_OUT.unpack(body).fh
+    for _ in range(2):
+        rd = abi.READ_IN.pack(fh=fh, offset=0, size=len(data))
+        err, body = guest.fuse(abi.Opcode.READ, nodeid, rd, 0, indirect=True,
+                               out_split=[abi.OUT_HEADER.size] + [4096] * 256)
+        assert err == 0 and body == data
+    assert guest.dev.metrics()["virtio"]["pooled"] == 2

@@ -56,22 +56,24 @@ def process_cpu_seconds(pid: int) -> float:
 
 
 def thread_cpu_seconds_by_name(pid: int, comm: str) -> float | None:
-    """CPU seconds of the thread of process `pid` whose OS name (/proc/PID/task/TID/comm) is
-    `comm`, from its schedstat (ns, run time on the CPU); None if there is no such thread."""
+    """CPU seconds of the threads of process `pid` whose OS name (/proc/PID/task/TID/comm) is
+    `comm` (a device's queue thread and its pool threads share one), summed from their schedstat
+    (ns, run time on the CPU); None if there is no such thread."""
     try:
         tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
         return None
+    total: float | None = None
     for tid in tids:
         try:
             with open(f"/proc/{pid}/task/{tid}/comm") as f:
                 if f.read().rstrip("\n") != comm:
                     continue
             with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                return int(f.read().split()[0]) / 1e9
+                total = (total or 0.0) + int(f.read().split()[0]) / 1e9
         except (OSError, ValueError, IndexError):
             continue
-    return None
+    return total
 
 
 class _ServerProcess:

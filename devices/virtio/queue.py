@@ -28,7 +28,6 @@ from __future__ import annotations
 import logging
 import struct
 import threading
-from dataclasses import dataclass, field
 
 from devices.memory import GuestMemoryAccess
 
@@ -86,16 +85,24 @@ class InvalidChain(Exception):
         self.reason = reason
 
 
-@dataclass
 class DescriptorChain:
     """One validated request: device-readable buffers, then device-writable buffers.
 
     The buffers are views straight into guest memory (no copies); zero-length descriptors are dropped.
+    A plain class with slots rather than a dataclass with list factories: one is built per request.
     """
 
-    head: int
-    readable: list[memoryview] = field(default_factory=list)
-    writable: list[memoryview] = field(default_factory=list)
+    __slots__ = ("head", "readable", "writable")
+
+    def __init__(self, head: int, readable: list[memoryview] | None = None,
+                 writable: list[memoryview] | None = None) -> None:
+        self.head = head
+        self.readable: list[memoryview] = [] if readable is None else readable
+        self.writable: list[memoryview] = [] if writable is None else writable
+
+    def __repr__(self) -> str:
+        return (f"DescriptorChain(head={self.head}, readable={self.readable_len} bytes, "
+                f"writable={self.writable_len} bytes)")
 
     @property
     def readable_len(self) -> int:
@@ -155,6 +162,7 @@ class Queue:
         self.next_avail = 0  # free-running 16-bit index of the next available entry to consume
         self.next_used = 0  # free-running 16-bit used index we publish
         self._signalled_used = 0  # used index at the last needs_notification()
+        self._avail_event_off = 4 + USED_ELEM_SIZE * size
 
     # -- driver-written fields -------------------------------------------------------------------
     def _avail_idx(self) -> int:
@@ -169,7 +177,7 @@ class Queue:
     # -- device side ------------------------------------------------------------------------------
     def set_avail_event(self, idx: int) -> None:
         """Ask the driver (EVENT_IDX) to notify us once it publishes available entry `idx`."""
-        _U16.pack_into(self._used, 4 + USED_ELEM_SIZE * self.size, idx & 0xFFFF)
+        _U16.pack_into(self._used, self._avail_event_off, idx & 0xFFFF)
 
     def pending(self) -> int:
         """How many available entries the driver has published that we have not popped."""
@@ -182,25 +190,32 @@ class Queue:
         between our check and the re-arm is not missed (the driver may not kick for it).
         Raises `InvalidChain` (the entry is consumed; return `exc.head` to the guest) or `QueueBroken`.
         """
-        pending = self.pending()
+        # pending() and set_avail_event() written out: pop runs twice per request (the second
+        # time to find the ring empty), and each call shows on a worker that runs cold.
+        avail = self._avail
+        next_avail = self.next_avail
+        pending = (_U16.unpack_from(avail, 2)[0] - next_avail) & 0xFFFF
         if pending == 0:
             if not self.event_idx:
                 return None
-            self.set_avail_event(self.next_avail)
+            _U16.pack_into(self._used, self._avail_event_off, next_avail)
             _full_fence()
-            pending = self.pending()
+            pending = (_U16.unpack_from(avail, 2)[0] - next_avail) & 0xFFFF
             if pending == 0:
                 return None
         if pending > self.size:
             raise QueueBroken(f"available index moved by {pending} entries on a queue of {self.size}")
-        head = _U16.unpack_from(self._avail, 4 + 2 * (self.next_avail % self.size))[0]
-        self.next_avail = (self.next_avail + 1) & 0xFFFF
+        head = _U16.unpack_from(avail, 4 + 2 * (next_avail % self.size))[0]
+        self.next_avail = (next_avail + 1) & 0xFFFF
         return self._walk(head)
 
     def _walk(self, head: int) -> DescriptorChain:
         if head >= self.size:
             raise InvalidChain(head, f"head index {head} >= queue size {self.size}")
-        chain = DescriptorChain(head)
+        readable: list[memoryview] = []
+        writable: list[memoryview] = []
+        chain = DescriptorChain(head, readable, writable)
+        view_of = self.memory.view
         table: memoryview | bytes = self._desc
         table_len = self.size
         in_indirect = False
@@ -237,17 +252,17 @@ class Queue:
             if total > MAX_CHAIN_BYTES:
                 raise InvalidChain(head, "chain length overflows 32 bits")
             try:
-                view = self.memory.view(addr, length)
+                view = view_of(addr, length)
             except ValueError:
                 raise InvalidChain(head, "descriptor buffer outside guest memory") from None
             if flags & VRING_DESC_F_WRITE:
                 if length:
-                    chain.writable.append(view)
+                    writable.append(view)
             else:
-                if chain.writable:
+                if writable:
                     raise InvalidChain(head, "device-readable descriptor after a writable one")
                 if length:
-                    chain.readable.append(view)
+                    readable.append(view)
             if not flags & VRING_DESC_F_NEXT:
                 return chain
             if nxt >= table_len:

@@ -26,9 +26,8 @@ import errno
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from typing import Protocol, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Generic, Protocol, TypeVar
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +68,15 @@ class TableLock:
         self._lock.release()
 
     def __enter__(self) -> None:
-        if not self.acquire():
+        # acquire() written out: every request takes this lock twice per pin.
+        lock = self._lock
+        try:
+            taken = lock.acquire(True, LOCK_TIMEOUT)
+        except BaseException:
+            if lock._is_owned():  # type: ignore[attr-defined]
+                lock.release()
+            raise
+        if not taken:
             logger.error("%s lock held for more than %.0f s: refusing the request", self._what,
                          LOCK_TIMEOUT)
             raise OSError(errno.EDEADLK, f"{self._what} is wedged")
@@ -95,20 +102,10 @@ class PinnedFds:
     def __init__(self, what: str) -> None:
         self.lock = TableLock(what)
 
-    @contextmanager
-    def pin(self, find: Callable[..., E], *key: object) -> Iterator[E]:
+    def pin(self, find: Callable[..., E], *key: object) -> _Pin[E]:
         """Borrow the entry ``find(*key)`` returns (``find`` runs under the lock and raises if
         the entry is unknown); its fd stays open until the ``with`` block ends."""
-        with self.lock:
-            entry = find(*key)
-            entry.pins += 1
-        try:
-            yield entry
-        finally:
-            with self.lock:
-                entry.pins -= 1
-                fd = self._take_fd_if_dead(entry)
-            close_fd(fd)
+        return _Pin(self, find, key)
 
     def retire(self, entry: Pinnable) -> int:
         """Mark ``entry`` dead (caller holds the lock); returns the fd to close now, or -1 when a
@@ -136,6 +133,37 @@ class PinnedFds:
         for fd in fds:
             close_fd(fd)
         return True
+
+
+class _Pin(Generic[E]):
+    """The ``with`` block of :meth:`PinnedFds.pin`.
+
+    A class, not a ``@contextmanager`` generator: every request takes one or two pins, and a
+    generator (built, advanced, and on an error reply -- a missing name -- thrown into) costs
+    several times the Python calls of ``__enter__``/``__exit__``, which counts on a worker that
+    runs cold (issue 9).
+    """
+
+    __slots__ = ("_pins", "_find", "_key", "_entry")
+
+    def __init__(self, pins: PinnedFds, find: Callable[..., E], key: tuple[object, ...]) -> None:
+        self._pins = pins
+        self._find = find
+        self._key = key
+
+    def __enter__(self) -> E:
+        with self._pins.lock:
+            entry = self._find(*self._key)
+            entry.pins += 1
+        self._entry = entry
+        return entry
+
+    def __exit__(self, *exc: object) -> None:
+        entry = self._entry
+        with self._pins.lock:
+            entry.pins -= 1
+            fd = PinnedFds._take_fd_if_dead(entry)
+        close_fd(fd)
 
 
 def close_fd(fd: int) -> None:
