@@ -336,11 +336,13 @@ static int __init run_mark(struct pyv_step *st, struct pyv_out *out)
 	return 0;
 }
 
+/* mount TAG DIR [OPTIONS]: OPTIONS (e.g. dax=always) is virtiofs's comma-separated mount data. */
 static int __init run_mount(struct pyv_step *st, struct pyv_out *out)
 {
 	int err = pyv_mkdir_p(st->argv[1]);
 
-	return err ? err : init_mount(st->argv[0], st->argv[1], "virtiofs", 0, NULL);
+	return err ? err : init_mount(st->argv[0], st->argv[1], "virtiofs", 0,
+				      st->argc > 2 ? st->argv[2] : NULL);
 }
 
 /* Time `count` lookups+getattrs of the paths (round robin). */
@@ -904,7 +906,7 @@ const struct pyv_op pyv_ops[] __initconst = {
 	{ "cpus",	0, 0,	NULL,			run_cpus },
 	{ "meminfo",	0, 0,	NULL,			run_meminfo },
 	{ "mark",	1, 1,	NULL,			run_mark },
-	{ "mount",	2, 2,	NULL,			run_mount },
+	{ "mount",	2, 3,	NULL,			run_mount },
 	{ "stat",	1, 2,	parse_stat,		run_stat },
 	{ "probe",	3, 3,	parse_probe,		run_probe },
 	{ "create",	1, 1,	NULL,			run_create },
