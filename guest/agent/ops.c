@@ -454,6 +454,13 @@ static int __init run_append(struct pyv_step *st, struct pyv_out *out)
 	return pyv_write(st, out, O_APPEND);
 }
 
+/* overwrite: write's bytes from offset 0 without O_TRUNC (in place: a DAX file's writes go
+ * through its mapping only while they do not extend it). */
+static int __init run_overwrite(struct pyv_step *st, struct pyv_out *out)
+{
+	return pyv_write(st, out, 0);
+}
+
 /* read's checksum: CRC-32 (zlib's), or "sum64", about 5x cheaper in an emulated guest. */
 #define PYV_SUM_CRC32	0
 #define PYV_SUM_SUM64	1
@@ -912,6 +919,7 @@ const struct pyv_op pyv_ops[] __initconst = {
 	{ "create",	1, 1,	NULL,			run_create },
 	{ "write",	2, 3,	parse_size_seed,	run_write },
 	{ "append",	2, 3,	parse_size_seed,	run_append },
+	{ "overwrite",	2, 3,	parse_size_seed,	run_overwrite },
 	{ "read",	1, 2,	parse_read,		run_read },
 	{ "truncate",	2, 2,	parse_size_seed,	run_truncate },
 	{ "fallocate",	3, 4,	parse_fallocate,	run_fallocate },
