@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from devices.memory import GuestMemory
-from devices.virtio.fs.dax import INODE_FH, DaxWindow
+from devices.virtio.fs.dax import INODE_FH, DaxWindow, WindowFaults
 from devices.virtio.fs.device import FsDevice
 from devices.virtio.fs.options import FsOptions
 from devices.virtio.mmio import MmioTransport
@@ -398,3 +398,84 @@ def test_a_dax_share_is_mounted_dax_always_and_needs_the_dax_kernel(tmp_path: Pa
     b = FsOptions(str(tmp_path), "b")
     assert mount_lines(Config(devices=(a, b))) == "mount a /mnt/a dax=always\nmount b /mnt/b\n"
     assert wants_dax(a) and not wants_dax(b)
+
+
+# ---- a vCPU touching a truncated page (real KVM) --------------------------------------------
+
+WINDOW_GPA = 0x20000
+# .code16: ds = 0x2000 (the window); al = [0] -> out 0x500; al = [0x1000] (page 1) -> out 0x500;
+# out 0x501 (done); hlt
+TOUCH_CODE = bytes.fromhex("b800208ed8a00000ba0005eea00010ee42eef4")
+
+
+def run_touch(window: DaxWindow, on_fault) -> tuple[list, bytes]:
+    """Run TOUCH_CODE with the window at WINDOW_GPA; returns (stops, bytes the guest sent)."""
+    import threading
+
+    from kvm_sys import Kvm
+    from vmm.bus import Bus
+    from vmm.memory import GuestMemory as VmmMemory
+    from vmm.vcpu import VcpuThread
+
+    memory = VmmMemory.from_ranges([(0, 0x10000)])
+    memory.write(0x1000, TOUCH_CODE)
+    stops: list = []
+    stopping = threading.Event()
+    sent = bytearray()
+
+    class Port:
+        def read(self, offset: int, size: int) -> bytes:
+            return bytes(size)
+
+        def write(self, offset: int, data: bytes) -> None:
+            if offset == 0:
+                sent.extend(data)
+            else:
+                stopping.set()
+
+    pio, mmio = Bus("pio"), Bus("mmio")
+    pio.insert(0x500, 2, Port(), "port")
+    if on_fault is not None:       # what the VMM does: the window on the MMIO bus, and the hook
+        mmio.insert(WINDOW_GPA, window.size, WindowFaults(window, "t"), "dax-window")
+    with Kvm() as kvm, kvm.create_vm() as vm:
+        memory.register(vm)
+        vm.set_user_memory_region(1, WINDOW_GPA, window.size, window.host_addr)
+        with vm.create_vcpu(0) as vcpu:
+            sregs = vcpu.get_sregs()
+            sregs.cs.base = sregs.cs.selector = 0
+            vcpu.set_sregs(sregs)
+            regs = vcpu.get_regs()
+            regs.rip, regs.rflags = 0x1000, 2
+            vcpu.set_regs(regs)
+            t = VcpuThread(vcpu, pio, mmio, memory,
+                           lambda s: (stops.append(s), stopping.set()), stopping)
+            t.on_fault = on_fault
+            t.start()
+            t.join(60)
+            assert not t.is_alive(), "guest did not finish"
+    memory.close()
+    return stops, bytes(sent)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/kvm"),
+                    reason="!!! /dev/kvm is absent: the vCPU fault path CANNOT be tested here !!!")
+@pytest.mark.parametrize("repair", [False, True])
+def test_vcpu_touching_a_truncated_page(window: DaxWindow, datafile: Path, repair: bool) -> None:
+    """The page past the new EOF: KVM cannot map it, and nothing reaches this process as SIGBUS.
+    Executed directly, KVM_RUN fails with EFAULT; emulated (kvm_pvm), the access exits as MMIO at
+    the window. With what the VMM installs (the fault hook and the window on the MMIO bus) the
+    page is repaired and the guest reads a zero and runs on. Without, the guest does not get
+    the old byte: the vCPU stops on EFAULT, or the read is an unclaimed MMIO read (all ones)."""
+    fd = os.open(datafile, os.O_RDONLY)
+    window.map(0, fd, 0, 4 * PAGE, False)
+    os.close(fd)
+    os.truncate(datafile, PAGE)
+    stops, sent = run_touch(window, window.repair_truncated if repair else None)
+    first = datafile.read_bytes()[0:1]
+    if repair:
+        assert stops == [] and sent == first + b"\0"
+        assert window.metrics()["truncation_repairs"] == 1
+    else:
+        assert sent[:1] == first
+        assert (stops and "Bad address" in stops[0].detail) or sent[1:] == b"\xff", (stops, sent)
+        assert window.metrics()["truncation_repairs"] == 0

@@ -25,6 +25,7 @@ from typing import BinaryIO
 from devices.acpi_pm import AcpiPmDevice
 from devices.i8042 import I8042
 from devices.serial import Serial
+from devices.virtio.fs.dax import WindowFaults
 from devices.virtio.fs.device import FsDevice
 from devices.virtio.fs.options import FsOptions
 from devices.virtio.mmio import VIRTIO_MMIO_QUEUE_NOTIFY, MmioTransport
@@ -305,10 +306,11 @@ class Machine:
             mmio.insert(base, layout.VIRTIO_MMIO_SIZE, transport, f"virtio-fs:{options.tag}")
             self.fs_devices.append(device)
             announced.append((base, gsi))
-        self._add_dax_windows(stack, vm, memory)
+        self._add_dax_windows(stack, vm, memory, mmio)
         return announced
 
-    def _add_dax_windows(self, stack: contextlib.ExitStack, vm: Vm, memory: GuestMemory) -> None:
+    def _add_dax_windows(self, stack: contextlib.ExitStack, vm: Vm, memory: GuestMemory,
+                         mmio: Bus) -> None:
         """Each DAX window above RAM (vmm.layout), as its own KVM memory slot after RAM's."""
         devices = [d for d in self.fs_devices if getattr(d, "dax_window", None) is not None]
         if not devices:
@@ -321,6 +323,9 @@ class Machine:
             # Removed before the transport closes (LIFO) and unmaps the window.
             stack.callback(vm.set_user_memory_region, slot, gpa, 0, window.host_addr)
             device.place_dax_window(gpa)
+            # Accesses KVM cannot serve from the host mapping (emulated ones) exit as MMIO here.
+            mmio.insert(gpa, window.size, WindowFaults(window, device.options.tag),
+                        f"dax-window:{device.options.tag}")
             logger.debug("virtio-fs %s: DAX window [%#x, %#x) slot %d", device.options.tag, gpa,
                          gpa + window.size, slot)
         self._dax_windows = [d.dax_window for d in devices]

@@ -17,12 +17,16 @@ Lifetimes: a mapping made through an open handle dies with that handle (RELEASE)
 by inode (fh = u64 max) and such mappings live until REMOVEMAPPING; every mapping dies at the end
 of the session (DESTROY, a new INIT, a device reset).
 
-A file truncated on the host under a live mapping: a vCPU touching a page past the new end of file
-makes KVM_RUN fail with EFAULT (KVM's page fault cannot get the page; nothing reaches this process
-as SIGBUS because only the vCPU, through KVM, ever touches the window). ``repair_truncated``
-replaces every mapped page past its file's end with anonymous zero pages, so the vCPU can go on;
-the guest reads zeros there (as from a hole) instead of the machine stopping. The window keeps one
-fd per mapped file for that ``fstat``.
+A file truncated on the host under a live mapping: KVM cannot get a page past the new end of
+file, and nothing reaches this process as SIGBUS (only KVM ever touches the window). What the vCPU
+sees depends on how the access ran: one KVM executes directly fails KVM_RUN with EFAULT (the VMM's
+vCPU loop calls ``repair_truncated`` and enters again); one KVM's instruction emulator performs
+(every guest kernel access on kvm_pvm) cannot read the page either and turns into an MMIO exit at
+the window's guest-physical address, which ``WindowFaults`` -- the window on the MMIO bus -- gets.
+``repair_truncated`` replaces every mapped page past its file's end with anonymous zero pages, so
+the guest reads zeros there (as from a hole) instead of the machine stopping; an emulated access
+that exits reads zeros and its writes are dropped, logged. The window keeps one fd per mapped file
+for that ``fstat``.
 
 ``PassthroughFs`` calls ``setupmapping``/``removemapping``/``drop_owner``/``reset`` through small
 hooks; the device makes the window, the VMM registers ``host_addr``/``size`` as a memory slot.
@@ -332,3 +336,34 @@ def removemapping(window: DaxWindow, ranges: list[tuple[int, int]]) -> None:
         window.check_range(moffset, length, "REMOVEMAPPING")
     for moffset, length in ranges:
         window.unmap(moffset, length)
+
+
+class WindowFaults:
+    """The window's guest-physical range on the VMM's MMIO bus.
+
+    A vCPU access reaches it only when KVM could not use the host page behind the window (see the
+    module docstring): a page past the end of a truncated file, or a part of the window with no
+    mapping. It repairs truncated mappings (later accesses then reach the zero pages without an
+    exit), reads as zeros and drops writes; never touches the host mapping itself, which could
+    fault in this process.
+    """
+
+    def __init__(self, window: DaxWindow, name: str) -> None:
+        self.window = window
+        self.name = name
+        self._log = LogThrottle(logger)
+        self.faults = 0
+
+    def _fault(self, offset: int, size: int, what: str) -> None:
+        self.faults += 1
+        repaired = self.window.repair_truncated()
+        self._log.warn("DAX window %s: guest %s of %d bytes at window offset %#x that KVM could not"
+                       " map (%s)", self.name, what, size, offset,
+                       "a truncated file: zero pages now" if repaired else "no valid mapping")
+
+    def read(self, offset: int, size: int) -> bytes:
+        self._fault(offset, size, "read")
+        return bytes(size)
+
+    def write(self, offset: int, data: bytes) -> None:
+        self._fault(offset, len(data), "write (dropped)")
