@@ -437,12 +437,13 @@ def ensure_kernel(progress: Progress = None, force: bool = False, image: str = "
         logger.debug("guest kernel cached: %s", wanted)
         return wanted
     root = cache_root()
-    with _build_lock(root):
+    build_dir = root / "build" / f"variant-{variant}" if variant else root / "build"
+    # A variant has its own tree, so it takes its own lock: it never waits for a default build.
+    with _build_lock(build_dir if variant else root):
         if all(cached_kernel(digest, i).exists() for i in IMAGES) and not force:
             return wanted                    # another process built it while we waited
         label = f" variant {variant}" if variant else ""
         _say(progress, f"building the guest kernel{label} {digest} ({SOURCE_PACKAGE} {version})")
-        build_dir = root / "build" / f"variant-{variant}" if variant else root / "build"
         tree = _prepare_tree(build_dir, version, progress)
         log_path = build_dir / f"build-{digest}.log"
         with open(log_path, "wb") as log_fh:
