@@ -25,7 +25,7 @@ from typing import BinaryIO
 from devices.acpi_pm import AcpiPmDevice
 from devices.i8042 import I8042
 from devices.serial import Serial
-from devices.virtio.fs.dax import WindowFaults
+from devices.virtio.fs.dax import DaxWindow, WindowFaults
 from devices.virtio.fs.device import FsDevice
 from devices.virtio.fs.options import FsOptions
 from devices.virtio.mmio import VIRTIO_MMIO_QUEUE_NOTIFY, MmioTransport
@@ -124,7 +124,7 @@ class Machine:
         self.vcpu_report = ""
         self.cmdline = ""
         self.on_console_line: Callable[[bytes], None] | None = None   # tests watch the console
-        self._dax_windows: list = []   # DaxWindow of each fs device with dax: true
+        self._dax_windows: list[DaxWindow] = []   # of each fs device with dax: true
 
     # ------------------------------------------------------------------ stop requests
     def request_stop(self, stop: Stop) -> None:
@@ -312,13 +312,14 @@ class Machine:
     def _add_dax_windows(self, stack: contextlib.ExitStack, vm: Vm, memory: GuestMemory,
                          mmio: Bus) -> None:
         """Each DAX window above RAM (vmm.layout), as its own KVM memory slot after RAM's."""
-        devices = [d for d in self.fs_devices if getattr(d, "dax_window", None) is not None]
-        if not devices:
+        placed = [(d, d.dax_window) for d in self.fs_devices
+                  if isinstance(d, FsDevice) and d.dax_window is not None]
+        if not placed:
             return
         ram_end = max(r.end for r in memory.regions)
-        addrs = layout.dax_window_addrs(ram_end, [d.dax_window.size for d in devices])
-        for slot, (device, gpa) in enumerate(zip(devices, addrs), start=len(memory.regions)):
-            window = device.dax_window
+        addrs = layout.dax_window_addrs(ram_end, [w.size for _, w in placed])
+        for slot, ((device, window), gpa) in enumerate(zip(placed, addrs),
+                                                       start=len(memory.regions)):
             vm.set_user_memory_region(slot, gpa, window.size, window.host_addr)
             # Removed before the transport closes (LIFO) and unmaps the window.
             stack.callback(vm.set_user_memory_region, slot, gpa, 0, window.host_addr)
@@ -328,7 +329,7 @@ class Machine:
                         f"dax-window:{device.options.tag}")
             logger.debug("virtio-fs %s: DAX window [%#x, %#x) slot %d", device.options.tag, gpa,
                          gpa + window.size, slot)
-        self._dax_windows = [d.dax_window for d in devices]
+        self._dax_windows = [w for _, w in placed]
 
     def _repair_dax_fault(self) -> bool:
         """A vCPU's KVM_RUN failed with EFAULT: if a DAX mapping reaches past a file truncated on

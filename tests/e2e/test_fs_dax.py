@@ -78,7 +78,7 @@ def test_file_truncated_under_a_live_mapping(dax_guest: GuestRunner, tmp_path: P
 
     def on_line(line: bytes) -> None:
         # The first read mapped the file; cut it on the host before the second read.
-        if b"mark truncate" in line and path.stat().st_size == size:
+        if b"name=truncate" in line and path.stat().st_size == size:
             os.truncate(path, keep)
 
     r = dax_guest.run("read /mnt/share/t sum64; mark truncate; sleep 200; read /mnt/share/t sum64",
