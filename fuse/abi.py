@@ -223,6 +223,12 @@ FUSE_FSYNC_FDATASYNC = 1 << 0
 # fuse_attr.flags
 FUSE_ATTR_SUBMOUNT = 1 << 0
 FUSE_ATTR_DAX = 1 << 1
+
+# fuse_setupmapping_in.flags
+FUSE_SETUPMAPPING_FLAG_WRITE = 1 << 0
+FUSE_SETUPMAPPING_FLAG_READ = 1 << 1
+#: Entries one FUSE_REMOVEMAPPING may carry (PAGE_SIZE / sizeof(fuse_removemapping_one)).
+FUSE_REMOVEMAPPING_MAX_ENTRY = 4096 // 16
 # fuse_open_in.open_flags / fuse_create_in.open_flags
 FUSE_OPEN_KILL_SUIDGID = 1 << 0
 # fuse_setxattr_in.setxattr_flags
@@ -351,6 +357,12 @@ STRUCT_FIELDS: dict[str, tuple[tuple[str, str], ...]] = {
         ("ino", "Q"), ("off", "Q"), ("namelen", "I"), ("type", "I"), ("name", "[]"),
     ),
     "fuse_direntplus": (("entry_out", "fuse_entry_out"), ("dirent", "fuse_dirent")),
+    # DAX window (virtio-fs shared memory region); fh is u64 max when the guest maps by inode.
+    "fuse_setupmapping_in": (
+        ("fh", "Q"), ("foffset", "Q"), ("len", "Q"), ("flags", "Q"), ("moffset", "Q"),
+    ),
+    "fuse_removemapping_in": (("count", "I"),),
+    "fuse_removemapping_one": (("moffset", "Q"), ("len", "Q")),
 }
 
 _SCALAR_SIZES = {"B": 1, "b": 1, "H": 2, "h": 2, "I": 4, "i": 4, "Q": 8, "q": 8}
@@ -531,6 +543,9 @@ LSEEK_IN = LAYOUTS["fuse_lseek_in"]
 LSEEK_OUT = LAYOUTS["fuse_lseek_out"]
 COPY_FILE_RANGE_IN = LAYOUTS["fuse_copy_file_range_in"]
 SYNCFS_IN = LAYOUTS["fuse_syncfs_in"]
+SETUPMAPPING_IN = LAYOUTS["fuse_setupmapping_in"]
+REMOVEMAPPING_IN = LAYOUTS["fuse_removemapping_in"]
+REMOVEMAPPING_ONE = LAYOUTS["fuse_removemapping_one"]
 DIRENT = LAYOUTS["fuse_dirent"]
 DIRENTPLUS = LAYOUTS["fuse_direntplus"]
 

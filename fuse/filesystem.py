@@ -69,6 +69,9 @@ class InitReply:
     """
 
     flags: int = 0
+    #: log2 of the alignment SETUPMAPPING/REMOVEMAPPING offsets need (fuse_init_out
+    #: .map_alignment), sent when ``flags`` asks for ``FUSE_MAP_ALIGNMENT`` (a DAX window).
+    map_alignment: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,6 +217,17 @@ class FileSystem:
         raise _enosys()
 
     def fsync(self, ctx: Context, nodeid: int, fh: int, datasync: bool) -> None:
+        raise _enosys()
+
+    def setupmapping(self, ctx: Context, nodeid: int, fh: int, foffset: int, length: int,
+                     flags: int, moffset: int) -> None:
+        """DAX: map ``length`` bytes of the file at ``foffset`` at ``moffset`` of the device's
+        shared memory window (``fh`` is u64 max when the guest maps by inode); ``flags`` are
+        FUSE_SETUPMAPPING_FLAG_*.  Only a filesystem with a window implements it."""
+        raise _enosys()
+
+    def removemapping(self, ctx: Context, ranges: list[tuple[int, int]]) -> None:
+        """DAX: unmap each ``(moffset, length)`` of the window (reads of it fault again)."""
         raise _enosys()
 
     def opendir(self, ctx: Context, nodeid: int, flags: int) -> tuple[int, int]:

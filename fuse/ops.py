@@ -42,6 +42,7 @@ from .limits import (
     check_xattr_size,
 )
 from .logthrottle import LogThrottle
+from .mapping import removemapping, setupmapping
 from .session import PAGE_SIZE
 
 if TYPE_CHECKING:
@@ -590,6 +591,8 @@ _TABLE: dict[Opcode, Op] = {
     Opcode.LSEEK: Op(_lseek, abi.LSEEK_IN, (), OFFSET),
     Opcode.COPY_FILE_RANGE: Op(_copy_file_range, abi.COPY_FILE_RANGE_IN, (), COUNT),
     Opcode.SYNCFS: Op(_syncfs, abi.SYNCFS_IN, (), EMPTY),
+    Opcode.SETUPMAPPING: Op(setupmapping, abi.SETUPMAPPING_IN, (), EMPTY),      # DAX window
+    Opcode.REMOVEMAPPING: Op(removemapping, abi.REMOVEMAPPING_IN, (), EMPTY),
 }
 #: opcode (a plain int, as read from the wire) -> Op
 OPS: dict[int, Op] = {int(opcode): op for opcode, op in _TABLE.items()}

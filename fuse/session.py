@@ -60,6 +60,7 @@ FS_NEGOTIABLE_FLAGS = (
     | abi.FUSE_EXPLICIT_INVAL_DATA
     | abi.FUSE_SUBMOUNTS
     | abi.FUSE_SETXATTR_EXT
+    | abi.FUSE_MAP_ALIGNMENT     # DAX: the filesystem has a window (fuse.mapping ops)
 )
 
 _INIT_IN_COMPAT = struct.Struct("<4I")  # major, minor, max_readahead, flags (FUSE < 7.36)
@@ -127,7 +128,8 @@ class Session:
                 major=abi.FUSE_KERNEL_VERSION, minor=minor_out, max_readahead=max_readahead,
                 flags=enabled & U32, max_background=0xFFFF, congestion_threshold=49149,
                 max_write=self.max_write, time_gran=1, max_pages=max_pages_for(self.max_write),
-                map_alignment=0, flags2=enabled >> 32)
+                map_alignment=reply.map_alignment if enabled & abi.FUSE_MAP_ALIGNMENT else 0,
+                flags2=enabled >> 32)
             self.minor = minor_out
             self.flags = enabled
             self.initialized = True

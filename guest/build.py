@@ -8,6 +8,7 @@ defines the kernel lives in the repo:
     guest/kernel/pyvmm.config      config fragment merged over `make tinyconfig`
     guest/kernel/patches/*.patch   source patches, applied in name order (each says why)
     guest/agent/                   the agent, copied to fs/pyvmm_agent/ in the kernel tree
+    guest/kernel/<variant>.config  optional variant fragment merged on top (VARIANTS below)
 
 The result is cached as ~/.cache/pyvmm/kernel/<hash>/vmlinux, where <hash> covers the Debian
 source package version and all of the above, so a change to any of them builds a new kernel and
@@ -57,6 +58,11 @@ AGENT_DIR = GUEST_DIR / "agent"
 AGENT_TREE_DIR = "fs/pyvmm_agent"
 AGENT_SUFFIXES = (".c", ".h")
 AGENT_FILES = ("Kconfig", "Makefile")
+# Kernel variants: a fragment merged over pyvmm.config, built only when a machine needs it (its
+# own cache key and its own source tree, so building it never invalidates the default kernel's
+# objects). "dax": FUSE DAX and the ZONE_DEVICE/memory-hotplug code it needs, which the default
+# kernel leaves out to keep boot time down.
+VARIANTS: dict[str, Path] = {"dax": GUEST_DIR / "kernel" / "dax.config"}
 
 # command or header -> Debian package that provides it
 BUILD_DEPS: dict[str, str] = {
@@ -78,6 +84,14 @@ class BuildInputs:
     fragment: bytes
     patches: tuple[tuple[str, bytes], ...]     # (file name, contents), in apply order
     agent: tuple[tuple[str, bytes], ...]       # (file name, contents), sorted
+    variant: tuple[tuple[str, bytes], ...] = ()  # (variant name, fragment), or () for the default
+
+    def merged_fragment(self) -> bytes:
+        """pyvmm.config with the variant fragment appended (later lines win in merge_config)."""
+        out = self.fragment
+        for _, data in self.variant:
+            out = out.rstrip(b"\n") + b"\n\n" + data
+        return out
 
 
 def cache_root() -> Path:
@@ -91,10 +105,15 @@ def _agent_sources(agent_dir: Path) -> list[Path]:
 
 
 def build_inputs(source_version: str, *, fragment: Path = FRAGMENT, patch_dir: Path = PATCH_DIR,
-                 agent_dir: Path = AGENT_DIR) -> BuildInputs:
+                 agent_dir: Path = AGENT_DIR, variant: str | None = None) -> BuildInputs:
     patches = tuple((p.name, p.read_bytes()) for p in sorted(patch_dir.glob("*.patch")))
     agent = tuple((p.name, p.read_bytes()) for p in _agent_sources(agent_dir))
-    return BuildInputs(source_version, fragment.read_bytes(), patches, agent)
+    extra: tuple[tuple[str, bytes], ...] = ()
+    if variant is not None:
+        if variant not in VARIANTS:
+            raise BuildError(f"unknown kernel variant {variant!r} (known: {', '.join(VARIANTS)})")
+        extra = ((variant, VARIANTS[variant].read_bytes()),)
+    return BuildInputs(source_version, fragment.read_bytes(), patches, agent, extra)
 
 
 def kernel_hash(inputs: BuildInputs) -> str:
@@ -113,6 +132,8 @@ def kernel_hash(inputs: BuildInputs) -> str:
         part("patch/" + name, data)
     for name, data in inputs.agent:
         part("agent/" + name, data)
+    for name, data in inputs.variant:        # absent for the default kernel: its hash is unchanged
+        part("variant/" + name, data)
     return h.hexdigest()[:24]
 
 
@@ -341,7 +362,7 @@ def _configure(tree: Path, fragment: bytes, log_fh, log_path: Path, progress: Pr
     actual = parse_config((tree / ".config").read_text())
     problems = verify_config(wanted, actual)
     if problems:
-        raise BuildError("these guest/kernel/pyvmm.config options did not stick (a dependency is "
+        raise BuildError("these guest/kernel/*.config options did not stick (a dependency is "
                          "missing or another option selects them):\n  " + "\n  ".join(problems))
 
 
@@ -370,9 +391,20 @@ def _make_images(tree: Path, log_fh, log_path: Path, progress: Progress) -> None
     _say(progress, f"compiled {compiled} files in {time.monotonic() - started:.0f} s")
 
 
-def _prune(root: Path, keep: int = KEEP_KERNELS) -> None:
-    """Drop all but the `keep` newest cached kernels (17 MB each) and their build logs."""
-    kernels = sorted((d for d in (root / "kernel").iterdir() if d.is_dir()),
+def _variant_of(entry: Path) -> str | None:
+    try:
+        return json.loads((entry / "inputs.json").read_text()).get("variant")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _prune(root: Path, keep: int = KEEP_KERNELS, variant: str | None = None) -> None:
+    """Drop all but the `keep` newest cached kernels (17 MB each) of this variant and their logs.
+
+    Counted per variant, so building the DAX kernel never evicts a default kernel in use.
+    """
+    kernels = sorted((d for d in (root / "kernel").iterdir()
+                      if d.is_dir() and _variant_of(d) == variant),
                      key=lambda d: d.stat().st_mtime, reverse=True)
     for old in kernels[keep:]:
         logger.info("pruning old guest kernel %s", old)
@@ -382,11 +414,14 @@ def _prune(root: Path, keep: int = KEEP_KERNELS) -> None:
 
 # ---------------------------------------------------------------------------------------- entry
 
-def ensure_kernel(progress: Progress = None, force: bool = False, image: str = "vmlinux") -> Path:
+def ensure_kernel(progress: Progress = None, force: bool = False, image: str = "vmlinux",
+                  variant: str | None = None) -> Path:
     """Return the cached guest kernel for this checkout, building it first if needed.
 
     `image` is "vmlinux" (the ELF the VMM boots by default: no in-guest decompression, which costs
     seconds under kvm_pvm's emulator) or "bzImage" (the Linux boot protocol image, LZ4).
+    `variant` names a fragment in VARIANTS merged on top of pyvmm.config ("dax"); a variant is
+    built in its own source tree (build/variant-<name>/) so the default tree stays incremental.
     """
     missing = missing_packages()
     if missing:
@@ -394,7 +429,7 @@ def ensure_kernel(progress: Progress = None, force: bool = False, image: str = "
     version = installed_version()
     if version is None or not TARBALL.exists():
         raise BuildError(f"{SOURCE_PACKAGE} is not installed ({TARBALL} missing)")
-    inputs = build_inputs(version)
+    inputs = build_inputs(version, variant=variant)
     digest = kernel_hash(inputs)
     wanted = cached_kernel(digest, image)
     out = cached_kernel(digest)
@@ -402,17 +437,19 @@ def ensure_kernel(progress: Progress = None, force: bool = False, image: str = "
         logger.debug("guest kernel cached: %s", wanted)
         return wanted
     root = cache_root()
-    with _build_lock(root):
+    build_dir = root / "build" / f"variant-{variant}" if variant else root / "build"
+    # A variant has its own tree, so it takes its own lock: it never waits for a default build.
+    with _build_lock(build_dir if variant else root):
         if all(cached_kernel(digest, i).exists() for i in IMAGES) and not force:
             return wanted                    # another process built it while we waited
-        _say(progress, f"building the guest kernel {digest} ({SOURCE_PACKAGE} {version})")
-        build_dir = root / "build"
+        label = f" variant {variant}" if variant else ""
+        _say(progress, f"building the guest kernel{label} {digest} ({SOURCE_PACKAGE} {version})")
         tree = _prepare_tree(build_dir, version, progress)
         log_path = build_dir / f"build-{digest}.log"
         with open(log_path, "wb") as log_fh:
             _apply_patches(tree, inputs.patches, progress)
             _sync_agent(tree, inputs.agent)
-            _configure(tree, inputs.fragment, log_fh, log_path, progress)
+            _configure(tree, inputs.merged_fragment(), log_fh, log_path, progress)
             _make_images(tree, log_fh, log_path, progress)
         out.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(tree / "arch" / ARCH / "boot" / "bzImage", out.parent / "bzImage.tmp")
@@ -422,10 +459,10 @@ def ensure_kernel(progress: Progress = None, force: bool = False, image: str = "
         shutil.copyfile(tree / ".config", out.parent / "config")
         (out.parent / "inputs.json").write_text(json.dumps({
             "source_package": SOURCE_PACKAGE, "source_version": version,
-            "recipe": RECIPE_VERSION, "patches": [n for n, _ in inputs.patches],
+            "recipe": RECIPE_VERSION, "variant": variant, "patches": [n for n, _ in inputs.patches],
             "agent": [n for n, _ in inputs.agent]}, indent=2) + "\n")
         os.replace(tmp, out)                 # vmlinux last: its presence marks a complete entry
-        _prune(root)
+        _prune(root, variant=variant)
         _say(progress, f"guest kernel ready: {out}")
         return wanted
 
@@ -434,15 +471,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m guest.build", description=__doc__.split("\n")[0])
     parser.add_argument("--force", action="store_true", help="rebuild even if cached")
     parser.add_argument("--print-hash", action="store_true", help="print the cache key and exit")
+    parser.add_argument("--variant", choices=sorted(VARIANTS), default=None,
+                        help="build a kernel variant (fragment merged over pyvmm.config)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     try:
         if args.print_hash:
             version = installed_version() or "unknown"
-            print(kernel_hash(build_inputs(version)))
+            print(kernel_hash(build_inputs(version, variant=args.variant)))
             return 0
         path = ensure_kernel(progress=lambda m: print(m, file=sys.stderr, flush=True),
-                             force=args.force)
+                             force=args.force, variant=args.variant)
     except BuildError as exc:
         print(f"guest kernel build failed: {exc}", file=sys.stderr)
         return 1

@@ -98,8 +98,8 @@ def sum64(data: bytes, offset: int = 0) -> int:
 # guest/agent/ops.c (checked by a test).
 OPS: dict[str, tuple[int, int]] = {
     "echo": (0, 16), "exit": (1, 1), "poweroff": (0, 1), "sleep": (1, 1), "uptime": (0, 0), "cpus": (0, 0),
-    "meminfo": (0, 0), "mark": (1, 1), "mount": (2, 2), "stat": (1, 2), "probe": (3, 3),
-    "create": (1, 1), "write": (2, 3), "append": (2, 3), "read": (1, 2), "truncate": (2, 2),
+    "meminfo": (0, 0), "mark": (1, 1), "mount": (2, 3), "stat": (1, 2), "probe": (3, 3),
+    "create": (1, 1), "write": (2, 3), "append": (2, 3), "overwrite": (2, 3), "read": (1, 2), "truncate": (2, 2),
     "fallocate": (3, 4), "mkdir": (1, 1), "rmdir": (1, 1), "unlink": (1, 1), "rename": (2, 3),
     "symlink": (2, 2), "readlink": (1, 1), "link": (2, 2), "chmod": (2, 2), "utime": (3, 3),
     "readdir": (1, 1), "setxattr": (3, 4), "getxattr": (2, 2), "listxattr": (1, 1),

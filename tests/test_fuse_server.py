@@ -582,8 +582,7 @@ def test_op_table_no_reply_rows_are_the_abi_s() -> None:
 
 
 @pytest.mark.parametrize("op", [Opcode.GETLK, Opcode.SETLK, Opcode.SETLKW, Opcode.BMAP,
-                                Opcode.IOCTL, Opcode.POLL, Opcode.SETUPMAPPING,
-                                Opcode.REMOVEMAPPING, Opcode.SYNCFS, Opcode.TMPFILE])
+                                Opcode.IOCTL, Opcode.POLL, Opcode.SYNCFS, Opcode.TMPFILE])
 def test_unserved_opcodes_are_enosys(server: Server, op: Opcode) -> None:
     err(send(server, request(op, bytes(64))), errno.ENOSYS)
 

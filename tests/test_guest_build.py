@@ -164,3 +164,17 @@ def test_prune_keeps_the_newest_kernels(tmp_path):
     build._prune(tmp_path, keep=2)
     assert sorted(p.name for p in kdir.iterdir()) == ["k3", "k4"]
     assert sorted(p.name for p in (tmp_path / "build").iterdir()) == ["build-k3.log", "build-k4.log"]
+
+
+def test_variant_has_its_own_key_and_leaves_the_default_alone(tmp_path):
+    """A variant (guest/kernel/<name>.config over pyvmm.config) gets its own cache key; the
+    default kernel's key is what it was without variants, so no one rebuilds for DAX."""
+    plain = build_inputs("6.1.192-2")
+    dax = build_inputs("6.1.192-2", variant="dax")
+    assert plain.variant == () and kernel_hash(plain) != kernel_hash(dax)
+    merged = parse_config(dax.merged_fragment().decode())
+    assert merged["CONFIG_FUSE_DAX"] == "y" and merged["CONFIG_ZONE_DEVICE"] == "y"
+    assert merged["CONFIG_VIRTIO_FS"] == "y"                 # the base fragment is still there
+    assert plain.merged_fragment() == plain.fragment
+    with pytest.raises(BuildError, match="unknown kernel variant"):
+        build_inputs("6.1.192-2", variant="nope")

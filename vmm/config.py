@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from devices.virtio.fs.options import LIMIT_RANGES, XATTR_POLICIES, FsOptions, check_seconds
+from devices.virtio.fs.options import DAX_WINDOW_MIB_RANGE, DEFAULT_DAX_WINDOW_MIB
 from devices.virtio.vhost_user.frontend import VhostUserFsOptions
 
 DISCOVERY_MODES = ("cmdline", "acpi", "both")
@@ -244,6 +245,12 @@ def _parse_fs_device(section: _Section, base: Path) -> FsOptions:
             values[key] = section.take_int(key, 0, *LIMIT_RANGES[key])
     if "trace_path" in section.data:
         values["trace_path"] = section.take("trace_path", str, None)
+    # DAX window (devices/virtio/fs/dax.py)
+    if "dax" in section.data:
+        values["dax"] = section.take("dax", bool, False)
+    if "dax_window_mib" in section.data:
+        values["dax_window_mib"] = section.take_int("dax_window_mib", DEFAULT_DAX_WINDOW_MIB,
+                                                    *DAX_WINDOW_MIB_RANGE)
     section.take("type", str, "fs")
     section.finish()
     return fs_options(values, section.error, base)
@@ -397,6 +404,7 @@ def parse_shared_dir(spec: str, base: Path | None = None) -> FsOptions:
 FS_OPTION_KEYS = ("type", "cache", "timeout", "negative_timeout", "writeback",
                   "num_request_queues", "trace", "trace_path", "allow_setid", "allow_mknod",
                   "xattr_policy", "allow_selinux_xattr", *FS_LIMIT_KEYS)
+FS_OPTION_KEYS += ("dax", "dax_window_mib")   # DAX window
 
 
 def parse_fs_option_items(where: str, source: str, tag: str, items: list[str],
@@ -445,6 +453,15 @@ def parse_fs_option_items(where: str, source: str, tag: str, items: list[str],
             values[key] = raw == "true"
         elif key == "trace_path":
             values[key] = raw
+        elif key == "dax":            # DAX window
+            if raw not in ("true", "false"):
+                raise error(key, f"expected true or false, got {raw!r}")
+            values[key] = raw == "true"
+        elif key == "dax_window_mib":
+            lo, hi = DAX_WINDOW_MIB_RANGE
+            if not raw.isdigit() or not lo <= int(raw) <= hi:
+                raise error(key, f"expected an integer between {lo} and {hi}, got {raw!r}")
+            values[key] = int(raw)
         else:
             raise error(key, f"unknown option (known: {', '.join(FS_OPTION_KEYS)})")
     return fs_options(values, error, base or Path.cwd())

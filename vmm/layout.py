@@ -69,6 +69,26 @@ LAPIC_ADDR = 0xFEE00000       # in-kernel local APIC base (default IA32_APIC_BAS
 TSS_ADDR = 0xFFFBD000         # KVM_SET_TSS_ADDR: 3 pages KVM needs on VMX, inside the hole, unused
 IDENTITY_MAP_ADDR = 0xFFFBC000   # KVM_SET_IDENTITY_MAP_ADDR (one page just below the TSS)
 
+# ---- virtio-fs DAX windows: guest-physical ranges above all RAM (never in the e820 map) --------
+# Each window (shared memory region 0 of its device) starts on a 1 GiB boundary above the end of
+# RAM and never below 4 GiB: the guest hot-plugs struct pages for it (ZONE_DEVICE), which wants
+# section-aligned space that no RAM or 32-bit MMIO shares.
+DAX_WINDOW_ALIGN = GiB
+
+
+def dax_window_addrs(ram_end: int, sizes: list[int]) -> list[int]:
+    """Guest-physical bases of DAX windows of ``sizes`` bytes, in order, above ``ram_end``."""
+    def up(x: int) -> int:
+        return -(-x // DAX_WINDOW_ALIGN) * DAX_WINDOW_ALIGN
+
+    base = up(max(ram_end, HIGH_RAM_START))
+    out = []
+    for size in sizes:
+        out.append(base)
+        base = up(base + size)
+    return out
+
+
 # ---- legacy ports and their ISA IRQs --------------------------------------------------------
 COM1_PORT = 0x3F8
 COM1_PORT_SIZE = serial.IO_SIZE

@@ -25,6 +25,7 @@ from typing import BinaryIO
 from devices.acpi_pm import AcpiPmDevice
 from devices.i8042 import I8042
 from devices.serial import Serial
+from devices.virtio.fs.dax import DaxWindow, WindowFaults
 from devices.virtio.fs.device import FsDevice
 from devices.virtio.fs.options import FsOptions
 from devices.virtio.mmio import VIRTIO_MMIO_QUEUE_NOTIFY, MmioTransport
@@ -90,8 +91,15 @@ def on_kvm_pvm() -> bool:
 
 
 def mount_lines(config: Config) -> str:
-    """Every share is mounted at /mnt/<tag> before the user's script runs."""
-    return "".join(f"mount {dev.tag} /mnt/{dev.tag}\n" for dev in config.devices)
+    """Every share is mounted at /mnt/<tag> before the user's script runs (a DAX share with
+    dax=always, so its files are read through the window)."""
+    return "".join(f"mount {dev.tag} /mnt/{dev.tag}{' dax=always' if wants_dax(dev) else ''}\n"
+                   for dev in config.devices)
+
+
+def wants_dax(options: object) -> bool:
+    """A `type: fs` device with a DAX window (it needs the `dax` guest kernel variant)."""
+    return isinstance(options, FsOptions) and options.dax
 
 
 def agent_script(config: Config) -> str | None:
@@ -116,6 +124,7 @@ class Machine:
         self.vcpu_report = ""
         self.cmdline = ""
         self.on_console_line: Callable[[bytes], None] | None = None   # tests watch the console
+        self._dax_windows: list[DaxWindow] = []   # of each fs device with dax: true
 
     # ------------------------------------------------------------------ stop requests
     def request_stop(self, stop: Stop) -> None:
@@ -142,7 +151,8 @@ class Machine:
         if self.config.kernel.path != "auto":
             return Path(self.config.kernel.path)
         from guest.build import ensure_kernel   # lazy: only `auto` needs the builder
-        return ensure_kernel(progress=self.kernel_progress)
+        variant = "dax" if any(wants_dax(d) for d in self.config.devices) else None
+        return ensure_kernel(progress=self.kernel_progress, variant=variant)
 
     def uses_acpi(self) -> bool:
         """ACPI tables are written when devices are announced through them or for SMP (the MADT
@@ -272,6 +282,8 @@ class Machine:
             stack.callback(vcpu.close)
             configure_vcpu(vcpu, supported_cpuid, index, self.config.vm.vcpus, boot)
             threads.append(VcpuThread(vcpu, pio, mmio, memory, self.request_stop, self.stopping))
+            if self._dax_windows:
+                threads[-1].on_fault = self._repair_dax_fault
         return threads
 
     def _add_fs_devices(self, stack: contextlib.ExitStack, vm: Vm, memory: GuestMemory, mmio: Bus
@@ -294,7 +306,35 @@ class Machine:
             mmio.insert(base, layout.VIRTIO_MMIO_SIZE, transport, f"virtio-fs:{options.tag}")
             self.fs_devices.append(device)
             announced.append((base, gsi))
+        self._add_dax_windows(stack, vm, memory, mmio)
         return announced
+
+    def _add_dax_windows(self, stack: contextlib.ExitStack, vm: Vm, memory: GuestMemory,
+                         mmio: Bus) -> None:
+        """Each DAX window above RAM (vmm.layout), as its own KVM memory slot after RAM's."""
+        placed = [(d, d.dax_window) for d in self.fs_devices
+                  if isinstance(d, FsDevice) and d.dax_window is not None]
+        if not placed:
+            return
+        ram_end = max(r.end for r in memory.regions)
+        addrs = layout.dax_window_addrs(ram_end, [w.size for _, w in placed])
+        for slot, ((device, window), gpa) in enumerate(zip(placed, addrs),
+                                                       start=len(memory.regions)):
+            vm.set_user_memory_region(slot, gpa, window.size, window.host_addr)
+            # Removed before the transport closes (LIFO) and unmaps the window.
+            stack.callback(vm.set_user_memory_region, slot, gpa, 0, window.host_addr)
+            device.place_dax_window(gpa)
+            # Accesses KVM cannot serve from the host mapping (emulated ones) exit as MMIO here.
+            mmio.insert(gpa, window.size, WindowFaults(window, device.options.tag),
+                        f"dax-window:{device.options.tag}")
+            logger.debug("virtio-fs %s: DAX window [%#x, %#x) slot %d", device.options.tag, gpa,
+                         gpa + window.size, slot)
+        self._dax_windows = [w for _, w in placed]
+
+    def _repair_dax_fault(self) -> bool:
+        """A vCPU's KVM_RUN failed with EFAULT: if a DAX mapping reaches past a file truncated on
+        the host, give it zero pages and let the vCPU go on (devices/virtio/fs/dax.py)."""
+        return sum(w.repair_truncated() for w in self._dax_windows) > 0
 
     def _make_fs_device(self, stack: contextlib.ExitStack, options: FsOptions | VhostUserFsOptions,
                         memory: GuestMemory) -> FsDevice | VhostUserFsFrontend:

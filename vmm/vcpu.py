@@ -60,6 +60,8 @@ class VcpuThread(threading.Thread):
         self.on_stop = on_stop
         self.stopping = stopping
         self.exits = 0
+        #: Called when KVM_RUN fails with EFAULT; True means it fixed the cause (enter again).
+        self.on_fault: Callable[[], bool] | None = None
         self.exit_reasons: collections.Counter[int] = collections.Counter()
 
     def kick(self) -> None:
@@ -88,6 +90,9 @@ class VcpuThread(threading.Thread):
                 # EAGAIN: an application processor waiting for INIT/SIPI was woken (KVM blocks it
                 # in the kernel while it is uninitialized and returns EAGAIN): just enter again.
                 if exc.errno == errno.EAGAIN:
+                    continue
+                # EFAULT: KVM could not get a page of a memory slot; a DAX window may repair it.
+                if exc.errno == errno.EFAULT and self.on_fault is not None and self.on_fault():
                     continue
                 raise
             self.exits += 1

@@ -43,6 +43,9 @@ class VirtioDevice(ABC):
     #: vhost-user back-end writes the transport's irqfd itself (its call fd). The transport then
     #: reports the VRING bit in InterruptStatus whenever the device is active (see mmio.py).
     signals_rings_directly: bool = False
+    #: Shared memory regions (virtio 1.2 sec. 2.10): id -> (guest-physical base, length). The VMM
+    #: places them (a virtio-fs DAX window is id 0); the transport reports them to the driver.
+    shm_regions: dict[int, tuple[int, int]] = {}
 
     def __init__(self) -> None:
         self.acked_features = 0

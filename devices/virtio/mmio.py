@@ -289,12 +289,23 @@ class MmioTransport:
             return self.shm_sel
         if offset in (VIRTIO_MMIO_SHM_LEN_LOW, VIRTIO_MMIO_SHM_LEN_HIGH,
                       VIRTIO_MMIO_SHM_BASE_LOW, VIRTIO_MMIO_SHM_BASE_HIGH):
-            return _ALL_ONES  # no shared memory region (no DAX window): Linux checks for all ones
+            return self._shm_register(offset)
         if offset == VIRTIO_MMIO_CONFIG_GENERATION:
             return self.config_generation
         self._log.once(f"read-{offset:#x}", logging.WARNING,
                        "virtio-mmio: read of unknown/write-only register %#x", offset)
         return _ALL_ONES
+
+    def _shm_register(self, offset: int) -> int:
+        """SHMLen/SHMBase of the region SHMSel selects (sec. 4.2.2). A region that does not exist
+        reads as length ~0 (all ones in both halves), which Linux's vm_get_shm_region takes as
+        "absent"; its base reads as all ones too."""
+        region = self.device.shm_regions.get(self.shm_sel)
+        if region is None:
+            return _ALL_ONES
+        base, length = region
+        value = length if offset in (VIRTIO_MMIO_SHM_LEN_LOW, VIRTIO_MMIO_SHM_LEN_HIGH) else base
+        return value >> 32 if offset & 4 else value & 0xFFFFFFFF
 
     def _write_register(self, offset: int, value: int) -> None:
         if offset == VIRTIO_MMIO_DEVICE_FEATURES_SEL:

@@ -336,11 +336,13 @@ static int __init run_mark(struct pyv_step *st, struct pyv_out *out)
 	return 0;
 }
 
+/* mount TAG DIR [OPTIONS]: OPTIONS (e.g. dax=always) is virtiofs's comma-separated mount data. */
 static int __init run_mount(struct pyv_step *st, struct pyv_out *out)
 {
 	int err = pyv_mkdir_p(st->argv[1]);
 
-	return err ? err : init_mount(st->argv[0], st->argv[1], "virtiofs", 0, NULL);
+	return err ? err : init_mount(st->argv[0], st->argv[1], "virtiofs", 0,
+				      st->argc > 2 ? st->argv[2] : NULL);
 }
 
 /* Time `count` lookups+getattrs of the paths (round robin). */
@@ -450,6 +452,13 @@ static int __init run_write(struct pyv_step *st, struct pyv_out *out)
 static int __init run_append(struct pyv_step *st, struct pyv_out *out)
 {
 	return pyv_write(st, out, O_APPEND);
+}
+
+/* overwrite: write's bytes from offset 0 without O_TRUNC (in place: a DAX file's writes go
+ * through its mapping only while they do not extend it). */
+static int __init run_overwrite(struct pyv_step *st, struct pyv_out *out)
+{
+	return pyv_write(st, out, 0);
 }
 
 /* read's checksum: CRC-32 (zlib's), or "sum64", about 5x cheaper in an emulated guest. */
@@ -904,12 +913,13 @@ const struct pyv_op pyv_ops[] __initconst = {
 	{ "cpus",	0, 0,	NULL,			run_cpus },
 	{ "meminfo",	0, 0,	NULL,			run_meminfo },
 	{ "mark",	1, 1,	NULL,			run_mark },
-	{ "mount",	2, 2,	NULL,			run_mount },
+	{ "mount",	2, 3,	NULL,			run_mount },
 	{ "stat",	1, 2,	parse_stat,		run_stat },
 	{ "probe",	3, 3,	parse_probe,		run_probe },
 	{ "create",	1, 1,	NULL,			run_create },
 	{ "write",	2, 3,	parse_size_seed,	run_write },
 	{ "append",	2, 3,	parse_size_seed,	run_append },
+	{ "overwrite",	2, 3,	parse_size_seed,	run_overwrite },
 	{ "read",	1, 2,	parse_read,		run_read },
 	{ "truncate",	2, 2,	parse_size_seed,	run_truncate },
 	{ "fallocate",	3, 4,	parse_fallocate,	run_fallocate },

@@ -3,7 +3,8 @@
 Device type 26. Config space is `struct virtio_fs_config` (linux/virtio_fs.h): the tag, 36 bytes
 NUL-padded (not terminated when full), then num_request_queues as le32; it is read-only. Queue 0 is
 the hiprio queue (FORGETs), queues 1..n carry requests. No device-specific feature bits exist, so no
-notification queue and no DAX window (the transport reports no shared memory region).
+notification queue. With ``dax: true`` the device has a DAX window (``dax.DaxWindow``), shared
+memory region 0, which the VMM places in guest-physical memory and registers with KVM.
 
 One worker thread serves all queues (Linux 6.1 only ever uses the first request queue anyway). The
 FileSystem and its FUSE server are built once per device, so a bad share fails when the VM is
@@ -25,6 +26,7 @@ from collections.abc import Callable
 
 from devices.memory import GuestMemoryAccess
 from devices.virtio.device import BASE_FEATURES, VIRTIO_ID_FS, VirtioDevice
+from devices.virtio.fs.dax import DaxWindow
 from devices.virtio.fs.options import DEFAULT_MAX_WRITE, FS_MAX_TAG_LEN, FsOptions
 from devices.virtio.fs.worker import FsWorker, WorkerCounters, os_thread_name
 from devices.virtio.interrupt import VirtioInterrupt
@@ -93,12 +95,17 @@ class FsDevice(VirtioDevice):
             path = options.trace_path or default_trace_path(options.tag)
             self.trace = Trace.open(path)
             logger.info("virtio-fs %s: tracing requests to %s", options.tag, path)
+        self.dax_window: DaxWindow | None = None
         try:
             self.fs = (fs_factory or passthrough_factory)(options)
+            if options.dax:
+                self._attach_dax_window()
             self.server = make_server(self.fs, self.fuse_metrics, self.trace, self.max_write)
         except BaseException:
             if self.trace is not None:
                 self.trace.close()
+            if self.dax_window is not None:
+                self.dax_window.close()
             raise
         self._worker: FsWorker | None = None
         self._stuck: FsWorker | None = None  # a worker that did not stop in time
@@ -107,6 +114,19 @@ class FsDevice(VirtioDevice):
         # device, so that it spans the workers of successive activations.
         self._log = LogThrottle(logger)
         self._worker_log = LogThrottle(logging.getLogger(FsWorker.__module__))
+
+    def _attach_dax_window(self) -> None:
+        """Reserve the window's host address space and hand it to the filesystem's hooks."""
+        if not hasattr(self.fs, "dax"):
+            raise ValueError(f"virtio-fs {self.options.tag}: dax needs a filesystem with a DAX "
+                             f"window hook ({type(self.fs).__name__} has none)")
+        self.dax_window = DaxWindow(self.options.dax_window_mib << 20)
+        self.fs.dax = self.dax_window
+
+    def place_dax_window(self, gpa: int) -> None:
+        """The VMM put the window at guest-physical ``gpa``: report it as shared memory region 0."""
+        assert self.dax_window is not None
+        self.shm_regions = {0: (gpa, self.dax_window.size)}
 
     @property
     def worker_thread(self):
@@ -149,11 +169,15 @@ class FsDevice(VirtioDevice):
         if self.trace is not None:
             self.trace.close()
             self.trace = None
+        if self.dax_window is not None:
+            self.dax_window.close()
 
     def metrics(self) -> dict:
         """The FUSE server's counters plus the virtio transport's, under "virtio"."""
         m = self.fuse_metrics.snapshot()
         m["virtio"] = self.counters.snapshot()
+        if self.dax_window is not None:
+            m["dax"] = self.dax_window.metrics()
         return m
 
     def reset_metrics(self) -> None:

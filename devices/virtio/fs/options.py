@@ -70,6 +70,22 @@ LIMIT_RANGES = {
 }
 
 
+#: DAX window size in MiB by default (crosvm's default cache size is 8 GiB on PCI; 1 GiB here). It
+#: costs the host address space only, the guest 16 KiB of struct pages per MiB at boot.
+DEFAULT_DAX_WINDOW_MIB = 1024
+#: Bounds of dax_window_mib; it must be a multiple of 2 (Linux maps DAX in 2 MiB chunks and
+#: hot-plugs the window's struct pages in 2 MiB subsections).
+DAX_WINDOW_MIB_RANGE = (2, 1 << 16)
+
+
+def check_dax_window_mib(value: object) -> None:
+    lo, hi = DAX_WINDOW_MIB_RANGE
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"dax_window_mib must be an integer, got {value!r}")
+    if not lo <= value <= hi or value % 2:
+        raise ValueError(f"dax_window_mib must be an even number between {lo} and {hi}, got {value}")
+
+
 #: Timeouts at or above this are refused rather than silently capped (FUSE carries validity as
 #: u64 seconds; nobody means 300 billion years).
 MAX_SECONDS = 2.0 ** 63
@@ -126,6 +142,9 @@ class FsOptions:
     max_handles: int = DEFAULT_MAX_HANDLES        # open files + directories (EMFILE beyond)
     readdir_buffer: int = DEFAULT_READDIR_BUFFER  # bytes kept per directory handle
     max_write: int = DEFAULT_MAX_WRITE            # bytes per READ/WRITE/READDIR request
+    # DAX window (devices/virtio/fs/dax.py): file data mapped into guest memory, no READ/WRITE.
+    dax: bool = False
+    dax_window_mib: int = DEFAULT_DAX_WINDOW_MIB  # guest-physical window size (address space only)
 
     def __post_init__(self) -> None:
         # source
@@ -178,6 +197,13 @@ class FsOptions:
                 raise ValueError(f"{field} must be between {lo} and {hi}, got {value}")
         if self.max_write % 4096:
             raise ValueError(f"max_write must be a multiple of 4096, got {self.max_write}")
+
+        # DAX window
+        if not isinstance(self.dax, bool):
+            raise ValueError(f"dax must be a bool, got {self.dax!r}")
+        check_dax_window_mib(self.dax_window_mib)
+        if not self.dax and self.dax_window_mib != DEFAULT_DAX_WINDOW_MIB:
+            raise ValueError("dax_window_mib is set but dax is false (the window exists only with dax: true)")
 
     @property
     def memory_ceiling(self) -> int:

@@ -70,7 +70,7 @@ from fuse.limits import (
 )
 from fuse.logthrottle import LogThrottle
 
-from . import chunks, creds, fdbudget, syscalls
+from . import chunks, creds, dax, fdbudget, syscalls
 from .dirstream import DirStream
 from .handles import HandleTable
 from .inodes import ROOT_ID, Inode, InodeTable, proc_fd_path
@@ -174,6 +174,7 @@ class PassthroughFs(FileSystem):
         self._xattrs = XattrMap(options.xattr_policy, options.allow_selinux_xattr)
         self.fd_budget = fdbudget.reserve(self, options.max_inodes + options.max_handles,
                                           f"virtio-fs {options.tag}")
+        self.dax: dax.DaxWindow | None = None   # the device's DAX window, when it has one
         self._open_root()
 
     # ------------------------------------------------------------------ helpers
@@ -321,11 +322,16 @@ class PassthroughFs(FileSystem):
             want |= abi.FUSE_AUTO_INVAL_DATA
         if self.options.writeback:
             want |= abi.FUSE_WRITEBACK_CACHE
+        if self.dax is not None:
+            return InitReply(flags=want | abi.FUSE_MAP_ALIGNMENT,
+                             map_alignment=self.dax.alignment.bit_length() - 1)
         return InitReply(flags=want)
 
     @_guard
     def destroy(self) -> None:
         """End the session: every fd goes, the root's too (init() reopens it)."""
+        if self.dax is not None:
+            self.dax.reset()
         self._clear_tables()
 
     def _clear_tables(self) -> None:
@@ -707,6 +713,21 @@ class PassthroughFs(FileSystem):
     @_guard
     def release(self, ctx: Context, nodeid: int, fh: int, flags: int) -> None:
         self._handles.remove(fh, nodeid, is_dir=False)
+        if self.dax is not None:
+            self.dax.drop_owner(fh)     # DAX mappings made through the handle die with it
+
+    @_guard
+    def setupmapping(self, ctx: Context, nodeid: int, fh: int, foffset: int, length: int,
+                     flags: int, moffset: int) -> None:
+        if self.dax is None:
+            raise _err(errno.ENOSYS, "no DAX window")
+        dax.setupmapping(self.dax, self, nodeid, fh, foffset, length, flags, moffset)
+
+    @_guard
+    def removemapping(self, ctx: Context, ranges: list[tuple[int, int]]) -> None:
+        if self.dax is None:
+            raise _err(errno.ENOSYS, "no DAX window")
+        dax.removemapping(self.dax, ranges)
 
     @_guard
     def fsync(self, ctx: Context, nodeid: int, fh: int, datasync: bool) -> None:
