@@ -35,6 +35,9 @@ fi
 
 # The guest kernel: about 5 minutes on 2 cores the first time, then cached.
 .venv/bin/python -m vmm guest build >/dev/null
+# The DAX kernel variant (FUSE_DAX + ZONE_DEVICE: guest/kernel/dax.config), which `kernel: auto`
+# boots only for a share with dax: true; built here so that no test builds a kernel.
+.venv/bin/python -m guest.build --variant dax >/dev/null
 
 # pjdfstest (POSIX file-system tests, run over `vmm fuse-mount`): built from the read-only shared
 # copy into ~/.cache/pyvmm/pjdfstest/<hash> in a few seconds the first time, then cached.
