@@ -185,7 +185,10 @@ def check_path(value: str, base: Path, must_exist: bool, directory: bool,
 
 # --------------------------------------------------------------------------------------------
 
-FS_BOOL_KEYS = ("writeback", "trace", "allow_setid", "allow_mknod", "allow_selinux_xattr")
+FS_BOOL_KEYS = ("writeback", "trace", "allow_setid", "allow_mknod", "allow_selinux_xattr",
+                "ascii_casefold", "posix_acl", "security_ctx")
+#: crosvm's id maps ("inner outer count[,...]"; devices/virtio/fs/idmap.py checks them).
+FS_IDMAP_KEYS = ("uidmap", "gidmap")
 #: Integer device keys bounding what one device may hold (FsOptions checks them).
 FS_LIMIT_KEYS = tuple(LIMIT_RANGES)
 
@@ -244,6 +247,9 @@ def _parse_fs_device(section: _Section, base: Path) -> FsOptions:
             values[key] = section.take_int(key, 0, *LIMIT_RANGES[key])
     if "trace_path" in section.data:
         values["trace_path"] = section.take("trace_path", str, None)
+    for key in FS_IDMAP_KEYS:
+        if key in section.data:
+            values[key] = section.take(key, str, None)
     section.take("type", str, "fs")
     section.finish()
     return fs_options(values, section.error, base)
@@ -396,7 +402,8 @@ def parse_shared_dir(spec: str, base: Path | None = None) -> FsOptions:
 
 FS_OPTION_KEYS = ("type", "cache", "timeout", "negative_timeout", "writeback",
                   "num_request_queues", "trace", "trace_path", "allow_setid", "allow_mknod",
-                  "xattr_policy", "allow_selinux_xattr", *FS_LIMIT_KEYS)
+                  "xattr_policy", "allow_selinux_xattr", *FS_LIMIT_KEYS,
+                  "ascii_casefold", "posix_acl", "security_ctx", *FS_IDMAP_KEYS)
 
 
 def parse_fs_option_items(where: str, source: str, tag: str, items: list[str],
@@ -443,7 +450,7 @@ def parse_fs_option_items(where: str, source: str, tag: str, items: list[str],
             if raw not in ("true", "false"):
                 raise error(key, f"expected true or false, got {raw!r}")
             values[key] = raw == "true"
-        elif key == "trace_path":
+        elif key in ("trace_path", *FS_IDMAP_KEYS):
             values[key] = raw
         else:
             raise error(key, f"unknown option (known: {', '.join(FS_OPTION_KEYS)})")
