@@ -24,7 +24,7 @@ import errno
 import os
 import struct
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 from fuse import abi
 from fuse.filesystem import Context, Entry, SetattrRequest
@@ -162,7 +162,7 @@ class IdMappedFs:
     def guest_stat(self, st: os.stat_result) -> os.stat_result:
         """``st`` with owner and group as the guest sees them (every other field unchanged,
         nanosecond times included)."""
-        _cls, (seq, extra) = st.__reduce__()
+        seq, extra = cast("tuple[tuple[int, ...], dict[str, Any]]", st.__reduce__()[1])
         return os.stat_result((*seq[:4], self.guest_uid(st.st_uid), self.guest_gid(st.st_gid),
                                *seq[6:]), extra)
 
@@ -192,6 +192,15 @@ class IdMappedFs:
             _ACL_ENTRY.pack_into(out, off, tag, perm, new)
         return bytes(out)
 
+    @staticmethod
+    def _host_owner(guest_id: int, ids: IdMap | _Identity, kind: str) -> int:
+        """A CHOWN's new owner or group as a host id (EINVAL without one, as in a user
+        namespace)."""
+        host = ids.to_host(guest_id)
+        if host is None:
+            raise _err(errno.EINVAL, f"{kind} {guest_id} has no host id ({kind}map)")
+        return host
+
     # ---------------------------------------------------------------- operations with ids
 
     def lookup(self, ctx: Context, parent: int, name: bytes) -> Entry:
@@ -204,15 +213,8 @@ class IdMappedFs:
     def setattr(self, ctx: Context, nodeid: int, req: SetattrRequest
                 ) -> tuple[os.stat_result, float]:
         if req.valid & (abi.FATTR_UID | abi.FATTR_GID):
-            uid, gid = req.uid, req.gid
-            if req.valid & abi.FATTR_UID:
-                uid = self.uids.to_host(req.uid)
-                if uid is None:
-                    raise _err(errno.EINVAL, f"uid {req.uid} has no host id (uidmap)")
-            if req.valid & abi.FATTR_GID:
-                gid = self.gids.to_host(req.gid)
-                if gid is None:
-                    raise _err(errno.EINVAL, f"gid {req.gid} has no host id (gidmap)")
+            uid = self._host_owner(req.uid, self.uids, "uid") if req.valid & abi.FATTR_UID else req.uid
+            gid = self._host_owner(req.gid, self.gids, "gid") if req.valid & abi.FATTR_GID else req.gid
             req = dataclasses.replace(req, uid=uid, gid=gid)
         st, timeout = self.inner.setattr(ctx, nodeid, req)
         return self.guest_stat(st), timeout
