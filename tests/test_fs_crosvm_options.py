@@ -338,3 +338,30 @@ def test_config_keys_yaml_and_shared_dir(share):
         with pytest.raises(ConfigError, match=key) as ei:
             parse_shared_dir(f"{share}:t:{bad}")
         assert "\n" not in str(ei.value)
+
+
+# ------------------------------------------------------------------------------------------
+# hostile input
+
+@pytest.mark.parametrize("seed", [11, 12])
+def test_fuzz_with_casefold_idmap_and_acls_finds_nothing(seed):
+    """The structure-aware fuzzer (bench/fuzz_fuse.py) against the options' code paths: the
+    casefold scan on every missing name, the id-map wrapper on every reply with attributes."""
+    import dataclasses
+    import logging
+
+    from bench.fuzz_fuse import fuzz
+
+    def factory(options: FsOptions):
+        return passthrough_factory(dataclasses.replace(
+            options, ascii_casefold=True, negative_timeout=0.0,
+            uidmap="0 1000 1,1 100000 65535", gidmap="0 1000 1,1 100000 65535"))
+
+    logging.disable(logging.WARNING)
+    try:
+        findings, stats = fuzz(seed, steps=2000, fs_factory=factory)
+    finally:
+        logging.disable(logging.NOTSET)
+    assert stats.requests == 2000
+    assert not findings, "\n".join(map(str, findings[:10]))
+    assert {"LOOKUP", "CREATE", "SETATTR"} <= stats.ok.keys()
