@@ -112,6 +112,12 @@ def test_collision_exact_spelling_wins_else_the_smallest(share):
     assert g.entry(b"Foo")[1].attr.ino == ino["Foo"]
     assert g.entry(b"FOO")[1].attr.ino == ino["Foo"]
     assert g.entry(b"fOO")[1].attr.ino == ino["Foo"]
+    # READDIR lists the names as the host stores them, both of them.
+    from fuse.filesystem import Context
+    ctx = Context(0, 0, 1)
+    fh, _ = g.fs.opendir(ctx, 1, 0)
+    assert {d.name for d in g.fs.readdir(ctx, 1, fh, 0)} == {b".", b"..", b"foo", b"Foo"}
+    g.fs.releasedir(ctx, 1, fh)
     # UNLINK of another spelling removes the same one LOOKUP reaches.
     assert g.unlink(b"FOO") == 0
     assert names(share) == {"foo"}
