@@ -16,7 +16,7 @@ Cost: a miss scans the directory (one open fd and a listing), so creating a new 
 directory of N entries is O(N), as in crosvm.  Caching in the guest: a negative dentry is per
 spelling, so ``negative_timeout`` must stay 0 with this option (FsOptions refuses the pair);
 a positive dentry of one spelling survives a change made through another spelling for at most
-``timeout`` seconds (use ``cache: never`` where that matters).
+``timeout`` seconds (use ``timeout: 0`` where that matters).
 """
 
 from __future__ import annotations
