@@ -322,7 +322,7 @@ def real_xattrs(path) -> set[bytes]:
 
 
 def test_xattrs_are_remapped_by_default(share):
-    g = Guest(share, uid=0, gid=0)
+    g = Guest(share, uid=0, gid=0, posix_acl=False)   # ACLs: tests/test_fs_crosvm_options.py
     host_file(share, "f", 0o755)
     os.setxattr(share / "f", "trusted.host-only", b"h")       # the host's own: not the guest's
     f = g.lookup(b"f")

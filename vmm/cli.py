@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="add a virtio-fs share (crosvm syntax; keys: cache, timeout, "
                           "negative_timeout, writeback, num_request_queues, trace, trace_path, "
                           "allow_setid, allow_mknod, xattr_policy, allow_selinux_xattr, "
-                          "max_inodes, max_handles, readdir_buffer, max_write)")
+                          "max_inodes, max_handles, readdir_buffer, max_write, "
+                          "ascii_casefold, posix_acl, uidmap, gidmap, security_ctx)")
     run.add_argument("--vhost-user-fs", action="append", default=[],
                      metavar="SOCKET:TAG[:num_request_queues=N]",
                      help="add a virtio-fs device served by a vhost-user back-end on SOCKET "
@@ -84,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="device option as in --shared-dir (cache, timeout, negative_timeout, "
                          "writeback, num_request_queues = serving threads, trace, trace_path, "
                          "allow_setid, allow_mknod, xattr_policy, allow_selinux_xattr, "
-                         "max_inodes, max_handles, readdir_buffer, max_write)")
+                         "max_inodes, max_handles, readdir_buffer, max_write, "
+                         "ascii_casefold, posix_acl, uidmap, gidmap, security_ctx)")
     fm.add_argument("--metrics", type=Path, metavar="FILE",
                     help="write the device counters as JSON on exit")
     fm.add_argument("--trace", metavar="FILE", help="JSON line per FUSE request "

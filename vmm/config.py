@@ -186,7 +186,10 @@ def check_path(value: str, base: Path, must_exist: bool, directory: bool,
 
 # --------------------------------------------------------------------------------------------
 
-FS_BOOL_KEYS = ("writeback", "trace", "allow_setid", "allow_mknod", "allow_selinux_xattr")
+FS_BOOL_KEYS = ("writeback", "trace", "allow_setid", "allow_mknod", "allow_selinux_xattr",
+                "ascii_casefold", "posix_acl", "security_ctx")
+#: crosvm's id maps ("inner outer count[,...]"; devices/virtio/fs/idmap.py checks them).
+FS_IDMAP_KEYS = ("uidmap", "gidmap")
 #: Integer device keys bounding what one device may hold (FsOptions checks them).
 FS_LIMIT_KEYS = tuple(LIMIT_RANGES)
 
@@ -251,6 +254,9 @@ def _parse_fs_device(section: _Section, base: Path) -> FsOptions:
     if "dax_window_mib" in section.data:
         values["dax_window_mib"] = section.take_int("dax_window_mib", DEFAULT_DAX_WINDOW_MIB,
                                                     *DAX_WINDOW_MIB_RANGE)
+    for key in FS_IDMAP_KEYS:
+        if key in section.data:
+            values[key] = section.take(key, str, None)
     section.take("type", str, "fs")
     section.finish()
     return fs_options(values, section.error, base)
@@ -403,7 +409,8 @@ def parse_shared_dir(spec: str, base: Path | None = None) -> FsOptions:
 
 FS_OPTION_KEYS = ("type", "cache", "timeout", "negative_timeout", "writeback",
                   "num_request_queues", "trace", "trace_path", "allow_setid", "allow_mknod",
-                  "xattr_policy", "allow_selinux_xattr", *FS_LIMIT_KEYS)
+                  "xattr_policy", "allow_selinux_xattr", *FS_LIMIT_KEYS,
+                  "ascii_casefold", "posix_acl", "security_ctx", *FS_IDMAP_KEYS)
 FS_OPTION_KEYS += ("dax", "dax_window_mib")   # DAX window
 
 
@@ -451,7 +458,7 @@ def parse_fs_option_items(where: str, source: str, tag: str, items: list[str],
             if raw not in ("true", "false"):
                 raise error(key, f"expected true or false, got {raw!r}")
             values[key] = raw == "true"
-        elif key == "trace_path":
+        elif key in ("trace_path", *FS_IDMAP_KEYS):
             values[key] = raw
         elif key == "dax":            # DAX window
             if raw not in ("true", "false"):

@@ -46,9 +46,11 @@ FsFactory = Callable[[FsOptions], object]  # returns a fuse.filesystem.FileSyste
 
 def passthrough_factory(options: FsOptions):
     """The default FileSystem: the host directory `options.source`."""
+    from devices.virtio.fs import idmap
     from devices.virtio.fs.passthrough import PassthroughFs
 
-    return PassthroughFs(options)
+    # uidmap/gidmap: the device translates ids around the passthrough (idmap.py).
+    return idmap.wrap(PassthroughFs(options), options.uidmap, options.gidmap)
 
 
 def make_server(fs, metrics: Metrics, trace: Trace | None, max_write: int = DEFAULT_MAX_WRITE):

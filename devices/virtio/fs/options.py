@@ -145,6 +145,13 @@ class FsOptions:
     # DAX window (devices/virtio/fs/dax.py): file data mapped into guest memory, no READ/WRITE.
     dax: bool = False
     dax_window_mib: int = DEFAULT_DAX_WINDOW_MIB  # guest-physical window size (address space only)
+    # crosvm's remaining fs options (issue 12; README "Device options"): each checked in
+    # _check_crosvm_options, implemented in its own module (casefold.py, idmap.py, secctx.py).
+    ascii_casefold: bool = False   # names match ignoring ASCII case (casefold.py)
+    posix_acl: bool = True         # FUSE_POSIX_ACL: the guest enforces POSIX ACLs (policy.py)
+    uidmap: str | None = None      # "inner outer count[,...]" guest uid -> host uid (idmap.py)
+    gidmap: str | None = None      # the same for gids
+    security_ctx: bool = False     # FUSE_SECURITY_CTX; refused where fscreate is not writable
 
     def __post_init__(self) -> None:
         # source
@@ -204,6 +211,30 @@ class FsOptions:
         check_dax_window_mib(self.dax_window_mib)
         if not self.dax and self.dax_window_mib != DEFAULT_DAX_WINDOW_MIB:
             raise ValueError("dax_window_mib is set but dax is false (the window exists only with dax: true)")
+        self._check_crosvm_options()
+
+    def _check_crosvm_options(self) -> None:
+        """ascii_casefold, posix_acl, uidmap/gidmap, security_ctx (one block: issue 12)."""
+        for field in ("ascii_casefold", "posix_acl", "security_ctx"):
+            if not isinstance(getattr(self, field), bool):
+                raise ValueError(f"{field} must be a bool, got {getattr(self, field)!r}")
+        if self.ascii_casefold and self.negative_timeout > 0:
+            # A guest negative dentry is per spelling: "FOO" cached as missing would hide a
+            # "foo" created afterwards, for negative_timeout seconds (casefold.py).
+            raise ValueError("negative_timeout must be 0 with ascii_casefold (a cached miss of "
+                             "one spelling would hide a file created under another)")
+        from . import idmap, secctx   # late: both import nothing from here, keep it that way
+        for field in ("uidmap", "gidmap"):
+            value = getattr(self, field)
+            if value is not None:
+                try:
+                    idmap.IdMap.parse(value)
+                except ValueError as exc:
+                    raise ValueError(f"{field} {exc}") from None
+        if self.security_ctx:
+            why = secctx.unsupported_reason()
+            if why:
+                raise ValueError(f"security_ctx cannot be enabled on this host: {why}")
 
     @property
     def memory_ceiling(self) -> int:

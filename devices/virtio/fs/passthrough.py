@@ -70,7 +70,7 @@ from fuse.limits import (
 )
 from fuse.logthrottle import LogThrottle
 
-from . import chunks, creds, dax, fdbudget, syscalls
+from . import casefold, chunks, creds, dax, fdbudget, syscalls
 from .dirstream import DirStream
 from .handles import HandleTable
 from .inodes import ROOT_ID, Inode, InodeTable, proc_fd_path
@@ -171,7 +171,8 @@ class PassthroughFs(FileSystem):
         self._inodes = InodeTable(options.max_inodes)
         self._handles = HandleTable(options.max_handles)
         self._as_root = os.geteuid() == 0
-        self._xattrs = XattrMap(options.xattr_policy, options.allow_selinux_xattr)
+        self._xattrs = XattrMap(options.xattr_policy, options.allow_selinux_xattr,
+                                acl=options.posix_acl)
         self.fd_budget = fdbudget.reserve(self, options.max_inodes + options.max_handles,
                                           f"virtio-fs {options.tag}")
         self.dax: dax.DaxWindow | None = None   # the device's DAX window, when it has one
@@ -250,6 +251,12 @@ class PassthroughFs(FileSystem):
             return self._entry(known, st)
         return self._add(self._lookup_fd(parent, name))
 
+    def _stored(self, parent: Inode, name: bytes) -> bytes:
+        """The host's spelling of `name` in `parent` under ``ascii_casefold`` (casefold.py)."""
+        if not self.options.ascii_casefold or not parent.is_dir:
+            return name
+        return casefold.stored_name(parent.fd, parent.proc_path, name)
+
     def _creating(self, ctx: Context, umask: int) -> Any:
         """Context for a creation as the caller (see module docstring and creds.py)."""
         return creds.creating_as(ctx.uid, ctx.gid, umask, self._as_root)
@@ -322,6 +329,10 @@ class PassthroughFs(FileSystem):
             want |= abi.FUSE_AUTO_INVAL_DATA
         if self.options.writeback:
             want |= abi.FUSE_WRITEBACK_CACHE
+        if self.options.posix_acl:
+            # The guest enforces POSIX ACLs (it reads system.posix_acl_* through GETXATTR) and
+            # leaves mode<->ACL updates, default ACLs and the umask to the host (policy.py).
+            want |= abi.FUSE_POSIX_ACL
         if self.dax is not None:
             return InitReply(flags=want | abi.FUSE_MAP_ALIGNMENT,
                              map_alignment=self.dax.alignment.bit_length() - 1)
@@ -362,6 +373,7 @@ class PassthroughFs(FileSystem):
     def lookup(self, ctx: Context, parent: int, name: bytes) -> Entry:
         name = check_name(name)
         with self._inodes.pin(parent) as p:
+            name = self._stored(p, name)
             try:
                 return self._do_lookup(p, name)
             except OSError as e:
@@ -472,6 +484,7 @@ class PassthroughFs(FileSystem):
         name = check_name(name)
         target = check_symlink_target(target)
         with self._inodes.pin_dir(parent) as p:
+            name = self._stored(p, name)
             self._inodes.check_room()
             # The target is only text stored in the link; the server never follows it.
             with self._creating(ctx, 0):
@@ -497,6 +510,7 @@ class PassthroughFs(FileSystem):
             raise _err(errno.EINVAL, "bad file type for mknod")
         perm = permitted_mode(mode, False, self.options.allow_setid)
         with self._inodes.pin_dir(parent) as p:
+            name = self._stored(p, name)
             self._inodes.check_room()
             with self._creating(ctx, umask):
                 os.mknod(name, ftype | perm, dev, dir_fd=p.fd)
@@ -509,6 +523,7 @@ class PassthroughFs(FileSystem):
         umask = _check_int(umask, "umask", 0, 0xFFFFFFFF)
         perm = permitted_mode(mode, True, self.options.allow_setid)
         with self._inodes.pin_dir(parent) as p:
+            name = self._stored(p, name)
             self._inodes.check_room()
             with self._creating(ctx, umask):
                 os.mkdir(name, perm, dir_fd=p.fd)
@@ -518,13 +533,13 @@ class PassthroughFs(FileSystem):
     def unlink(self, ctx: Context, parent: int, name: bytes) -> None:
         name = check_name(name)
         with self._inodes.pin_dir(parent) as p:
-            os.unlink(name, dir_fd=p.fd)
+            os.unlink(self._stored(p, name), dir_fd=p.fd)
 
     @_guard
     def rmdir(self, ctx: Context, parent: int, name: bytes) -> None:
         name = check_name(name)
         with self._inodes.pin_dir(parent) as p:
-            os.rmdir(name, dir_fd=p.fd)
+            os.rmdir(self._stored(p, name), dir_fd=p.fd)
 
     @_guard
     def rename(self, ctx: Context, parent: int, name: bytes, newparent: int, newname: bytes,
@@ -542,6 +557,9 @@ class PassthroughFs(FileSystem):
         with self._inodes.pin(parent) as p, self._inodes.pin(newparent) as np:
             if not p.is_dir or not np.is_dir:
                 raise _err(errno.ENOTDIR)
+            name, stored_new = self._stored(p, name), self._stored(np, newname)
+            if not (p.nodeid == np.nodeid and stored_new == name):
+                newname = stored_new   # else a rename to another case of itself: respell it
             if flags & syscalls.RENAME_WHITEOUT:
                 with self._creating(ctx, 0):     # the whiteout belongs to the caller
                     syscalls.renameat2(p.fd, name, np.fd, newname, flags)
@@ -556,6 +574,7 @@ class PassthroughFs(FileSystem):
                 raise _err(errno.EPERM, "hard link to a directory")
             if not np.is_dir:
                 raise _err(errno.ENOTDIR)
+            newname = self._stored(np, newname)
             try:
                 # Links exactly the inode we hold (never a name, never a symlink's target).
                 syscalls.linkat(inode.fd, b"", np.fd, newname, syscalls.AT_EMPTY_PATH)
@@ -612,6 +631,7 @@ class PassthroughFs(FileSystem):
         want_excl = bool(flags & os.O_EXCL)
         perm = permitted_mode(mode, False, self.options.allow_setid)
         with self._inodes.pin_dir(parent) as p:
+            name = self._stored(p, name)
             self._handles.check_room()
             self._inodes.check_room()
             fd, created = self._create_open(ctx, p, name, oflags, perm, umask, want_excl)

@@ -82,6 +82,16 @@ PRIVATE_PREFIX = b"user.virtiofs."
 #: Namespaces whose xattrs the host kernel enforces or trusts.
 PROTECTED_PREFIXES = (b"security.", b"trusted.", b"system.")
 SELINUX = b"security.selinux"
+#: POSIX ACLs.  With ``posix_acl`` (FUSE_POSIX_ACL) the guest kernel enforces them and leaves
+#: everything an ACL changes besides the check itself to the server: the mode's group bits
+#: following the ACL mask on SETXATTR, the mask following a chmod, a new entry inheriting its
+#: directory's default ACL, the umask skipped under a default ACL.  The host kernel does all of
+#: that for a real ACL, so under ``remap`` these two names go to the host as they are (never
+#: under ``refuse``; ``passthrough`` passes everything).  That lets the guest change what the
+#: host enforces no more than chmod already does: an ACL grants read/write/execute on one inode
+#: to named users and groups, a mode grants them to everyone.  Remapped instead, guest and host
+#: would disagree on every mode an ACL touches.
+ACL_NAMES = (b"system.posix_acl_access", b"system.posix_acl_default")
 CAPABILITY = b"security.capability"
 
 
@@ -106,17 +116,21 @@ class XattrMap:
       a guest can then grant file capabilities on the host).
     """
 
-    def __init__(self, policy: str, allow_selinux: bool = False) -> None:
+    def __init__(self, policy: str, allow_selinux: bool = False, acl: bool = False) -> None:
         if policy not in ("remap", "refuse", "passthrough"):
             raise ValueError(f"unknown xattr policy {policy!r}")
         self.policy = policy
         self.allow_selinux = allow_selinux
+        #: posix_acl: the POSIX ACL names reach the host as they are under ``remap`` (ACL_NAMES).
+        self.acl = acl and policy == "remap"
         #: The host name of the guest's security.capability when the host does not manage it.
         self.remapped_capability = PRIVATE_PREFIX + CAPABILITY if policy == "remap" else None
 
     def reserved(self, name: bytes) -> bool:
         if name.startswith(PRIVATE_PREFIX):
             return True
+        if self.acl and name in ACL_NAMES:
+            return False
         if name.startswith(PROTECTED_PREFIXES):
             return not (self.allow_selinux and name == SELINUX)
         return False
