@@ -17,7 +17,13 @@ from typing import Any
 
 import yaml
 
-from devices.virtio.fs.options import LIMIT_RANGES, XATTR_POLICIES, FsOptions, check_seconds
+from devices.virtio.fs.options import (
+    LIMIT_RANGES,
+    SANDBOX_MODES,
+    XATTR_POLICIES,
+    FsOptions,
+    check_seconds,
+)
 from devices.virtio.vhost_user.frontend import VhostUserFsOptions
 
 DISCOVERY_MODES = ("cmdline", "acpi", "both")
@@ -73,6 +79,17 @@ class Config:
     @property
     def uses_vhost_user(self) -> bool:
         return any(isinstance(d, VhostUserFsOptions) for d in self.devices)
+
+    @property
+    def sandboxed_devices(self) -> tuple[FsOptions, ...]:
+        """`type: fs` devices served by a jailed back-end child (sandbox != none)."""
+        return tuple(d for d in self.devices if isinstance(d, FsOptions) and d.sandbox != "none")
+
+    @property
+    def shares_guest_memory(self) -> bool:
+        """Guest RAM must be a memfd another process can map: a vhost-user back-end's, or a
+        sandboxed fs device's child."""
+        return self.uses_vhost_user or bool(self.sandboxed_devices)
 
 
 # --------------------------------------------------------------------------------------------
@@ -244,6 +261,8 @@ def _parse_fs_device(section: _Section, base: Path) -> FsOptions:
             values[key] = section.take_int(key, 0, *LIMIT_RANGES[key])
     if "trace_path" in section.data:
         values["trace_path"] = section.take("trace_path", str, None)
+    if "sandbox" in section.data:
+        values["sandbox"] = section.take_choice("sandbox", "namespace", SANDBOX_MODES)
     section.take("type", str, "fs")
     section.finish()
     return fs_options(values, section.error, base)
@@ -396,7 +415,7 @@ def parse_shared_dir(spec: str, base: Path | None = None) -> FsOptions:
 
 FS_OPTION_KEYS = ("type", "cache", "timeout", "negative_timeout", "writeback",
                   "num_request_queues", "trace", "trace_path", "allow_setid", "allow_mknod",
-                  "xattr_policy", "allow_selinux_xattr", *FS_LIMIT_KEYS)
+                  "xattr_policy", "allow_selinux_xattr", *FS_LIMIT_KEYS, "sandbox")
 
 
 def parse_fs_option_items(where: str, source: str, tag: str, items: list[str],
@@ -444,6 +463,10 @@ def parse_fs_option_items(where: str, source: str, tag: str, items: list[str],
                 raise error(key, f"expected true or false, got {raw!r}")
             values[key] = raw == "true"
         elif key == "trace_path":
+            values[key] = raw
+        elif key == "sandbox":
+            if raw not in SANDBOX_MODES:
+                raise error(key, f"must be one of {', '.join(SANDBOX_MODES)}, got {raw!r}")
             values[key] = raw
         else:
             raise error(key, f"unknown option (known: {', '.join(FS_OPTION_KEYS)})")

@@ -70,6 +70,10 @@ LIMIT_RANGES = {
 }
 
 
+#: Where a shared directory's device runs (the jail modes of devices/jail, plus `none`).
+SANDBOX_MODES = ("namespace", "chroot", "none")
+
+
 #: Timeouts at or above this are refused rather than silently capped (FUSE carries validity as
 #: u64 seconds; nobody means 300 billion years).
 MAX_SECONDS = 2.0 ** 63
@@ -126,6 +130,9 @@ class FsOptions:
     max_handles: int = DEFAULT_MAX_HANDLES        # open files + directories (EMFILE beyond)
     readdir_buffer: int = DEFAULT_READDIR_BUFFER  # bytes kept per directory handle
     max_write: int = DEFAULT_MAX_WRITE            # bytes per READ/WRITE/READDIR request
+    # Where the device runs (README "Sandbox"): a jailed vhost-user back-end child of the VMM
+    # (namespace: pivot_root into the share; chroot), or `none`: a worker thread of the VMM.
+    sandbox: str = "namespace"
 
     def __post_init__(self) -> None:
         # source
@@ -178,6 +185,9 @@ class FsOptions:
                 raise ValueError(f"{field} must be between {lo} and {hi}, got {value}")
         if self.max_write % 4096:
             raise ValueError(f"max_write must be a multiple of 4096, got {self.max_write}")
+
+        if self.sandbox not in SANDBOX_MODES:
+            raise ValueError(f"sandbox must be one of {'|'.join(SANDBOX_MODES)}, got {self.sandbox!r}")
 
     @property
     def memory_ceiling(self) -> int:
