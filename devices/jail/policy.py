@@ -68,10 +68,11 @@ GROUPS: tuple[Group, ...] = (
     Group("fd budget: the passthrough reads RLIMIT_NOFILE and raises the soft limit to the hard "
           "one (devices/virtio/fs/fdbudget.py); prlimit64 of this process only",
           ("prlimit64",)),
-    Group("fd plumbing: eventfd counters, the report pipe, fcntl(F_GETFL/F_SETFL/F_DUPFD_CLOEXEC); "
+    Group("fd plumbing: eventfd counters, the report pipe, the back-end server's wake pipe "
+          "(pipe2), fcntl(F_GETFL/F_SETFL/F_DUPFD_CLOEXEC); "
           "ioctl only TCGETS (isatty), FIONBIO (socket.setblocking), FIOCLEX/FIONCLEX "
           "(os.set_inheritable): no TIOCSTI into a terminal, no device ioctls",
-          ("read", "write", "close", "fcntl", "lseek", "ioctl")),
+          ("read", "write", "close", "fcntl", "lseek", "ioctl", "pipe2")),
     Group("waiting: the worker's epoll on kick/stop eventfds, interrupts through call eventfds, "
           "select/poll with timeouts",
           ("eventfd2", "epoll_create1", "epoll_ctl", "epoll_wait", "pselect6",
