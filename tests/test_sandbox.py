@@ -191,7 +191,8 @@ def test_child_that_cannot_start_is_one_line(share, tmp_path):
         BackendChild(options)
     text = str(e.value)
     assert "\n" not in text
-    assert text.startswith("sandboxed fs device 't': the back-end exited with status")
+    assert text == ("sandboxed fs device 't': the back-end exited with status 2 before serving: "
+                    f"ConfigError: --options-json: source '{share}' is not an existing directory")
 
 
 def test_child_death_is_reported_once_with_its_status(share):

@@ -96,7 +96,7 @@ class BackendChild:
             # The default trace path names this process (the VMM), as it does in-process.
             options = dataclasses.replace(options, trace_path=default_trace_path(options.tag))
         fields = {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
-        level = logging.getLogger().getEffectiveLevel()
+        level = logger.getEffectiveLevel()          # the VMM's -v/-vv, passed on
         verbosity = ["-vv"] if level <= logging.DEBUG else ["-v"] if level <= logging.INFO else []
         cmd = [sys.executable, "-m", "vmm", *verbosity, "device", "fs",
                "--fd", str(vhost_child.fileno()), "--stats-fd", str(stats_child.fileno()),
