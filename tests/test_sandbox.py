@@ -15,6 +15,7 @@ import ctypes
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -243,3 +244,36 @@ def test_metrics_through_the_child_match_the_device_keys(share):
         local.close()
         memory.close()
     assert dev.child.proc.returncode == 0
+
+
+def test_standalone_back_end_jails_itself_after_its_one_front_end(share, tmp_path):
+    """`device fs --socket` with the default sandbox: listens, takes one front-end, jails itself,
+    serves it, and on its hang-up exits 0 with the metrics file written (opened before the jail)."""
+    sock_path, metrics = tmp_path / "fs.sock", tmp_path / "m.json"
+    proc = subprocess.Popen([sys.executable, "-m", "vmm", "device", "fs", "--socket", str(sock_path),
+                             "--shared-dir", f"{share}:t", "--metrics", str(metrics)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + WAIT_S
+        while not sock_path.exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(str(sock_path))
+        fe = Frontend(s)
+        assert fe.u64(Request.GET_QUEUE_NUM) == 2          # answered from inside the jail
+        kids = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        assert len(kids) == 1
+        st = status(int(kids[0]))
+        assert st["Seccomp"] == "2" and int(st["CapEff"], 16) == FS_CAPS
+        assert sorted(os.listdir(f"/proc/{kids[0]}/root")) == ["hello.txt", "sub"]
+        assert not sock_path.exists()                      # removed before the jail
+        fe.close()
+        assert proc.wait(WAIT_S) == 0, proc.communicate()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+    m = json.loads(metrics.read_text())["devices"]["fs:t"]
+    assert m["vhost_user"]["connections"] == 1 and m["vhost_user"]["messages"] == 1

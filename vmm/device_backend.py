@@ -87,7 +87,13 @@ def run_fs_backend(socket_path: str | None, *, shared_dir: str | None = None,
     from devices.virtio.fs.device import FsDevice
     from devices.virtio.vhost_user.server import BackendServer, SocketInUse
 
-    options = fs_options(shared_dir, config, options_json)
+    if stats_fd is not None:   # the VMM's child: its start-up line is for -v, not for every run
+        progress = logger.info
+    try:
+        options = fs_options(shared_dir, config, options_json)
+    except ConfigError as exc:
+        _report(stats_fd, exc)
+        raise
     if (socket_path is None) == (fd is None):
         raise ConfigError("device fs: give exactly one of --socket PATH and --fd N")
     mode = sandbox or options.sandbox
@@ -192,12 +198,16 @@ def _run_jailed(options: FsOptions, mode: str, socket_path: str | None, fd: int 
         keep.append(trace_fd)
     if stats_fd is not None:
         keep.append(stats_fd)
-    spec = JailSpec(root=options.source, mode=mode, allow_mknod=options.allow_mknod,
-                    # file capabilities reach the host only with xattr_policy passthrough
-                    allow_setfcap=options.xattr_policy == "passthrough",
-                    max_open_files=min(1 << 20, options.max_inodes + options.max_handles + HEADROOM),
-                    keep_fds=tuple(keep))
-    jail = enter(spec, report_fd=stats_fd)
+    try:
+        spec = JailSpec(root=options.source, mode=mode, allow_mknod=options.allow_mknod,
+                        # file capabilities reach the host only with xattr_policy passthrough
+                        allow_setfcap=options.xattr_policy == "passthrough",
+                        max_open_files=min(1 << 20, options.max_inodes + options.max_handles + HEADROOM),
+                        keep_fds=tuple(keep))
+        jail = enter(spec, report_fd=stats_fd)
+    except Exception as exc:  # noqa: BLE001 - e.g. no privilege for namespaces: say why, once
+        _report(stats_fd, exc)
+        raise
     inodes.set_proc_root(jail.proc_root)
     changes: dict[str, Any] = {}
     if mode != "none":
@@ -208,13 +218,21 @@ def _run_jailed(options: FsOptions, mode: str, socket_path: str | None, fd: int 
         device = FsDevice(dataclasses.replace(options, **changes))
     except Exception as exc:  # noqa: BLE001 - reported to the VMM; nothing can be imported now
         logger.exception("sandboxed back-end: the device cannot start")
-        if stats_fd is not None:
-            os.write(stats_fd, f"error {type(exc).__name__}: {exc}\n".encode())
+        _report(stats_fd, exc)
         return EXIT_FAILURE
     code = _serve_fd(device, sock.detach(), stats_fd, metrics_fd, progress)
     if trace_fd is not None:
         os.close(trace_fd)
     return code
+
+
+def _report(stats_fd: int | None, exc: BaseException) -> None:
+    """Tell the VMM (waiting for ``ready``) why the back-end will not serve."""
+    if stats_fd is not None:
+        try:
+            os.write(stats_fd, f"error {type(exc).__name__}: {exc}\n".encode())
+        except OSError:
+            pass
 
 
 def _serve_fd(device: Any, fd: int, stats_fd: int | None, metrics: Path | int | None,
