@@ -91,13 +91,21 @@ def main(argv: Sequence[str] | None = None) -> None:
                 started = time.monotonic()
                 rnd, _ = run_ours(config, share, wd, args.kernel, text)
                 rounds[config].append(rnd)
+                if all(rounds.values()):        # a partial run still leaves its figures
+                    report(rounds, args, desc, command, started_all, complete=False)
                 d = rnd.segment("small")
                 print(f"round {i + 1} {config}: {time.monotonic() - started:.0f} s, small: server "
                       f"{d['server_s'] * 1e3:.1f} ms, vmm {d['vmm_s'] * 1e3:.1f} ms, requests "
                       f"{d['requests']}", file=sys.stderr)
     finally:
         shutil.rmtree(workroot, ignore_errors=True)
-    desc["load_after"] = os.getloadavg()
+    report(rounds, args, desc, command, started_all, complete=True)
+
+
+def report(rounds: dict[str, list[Round]], args: argparse.Namespace, desc: dict[str, Any],
+           command: str, started_all: float, complete: bool) -> None:
+    """Summaries and ratios of the rounds so far, to JSON and stdout."""
+    desc = dict(desc, load_after=os.getloadavg())
     summaries = {c: summarize(rs, None, args.size) for c, rs in rounds.items()}
     totals = {c: total_per_request(rs) for c, rs in rounds.items()}
     ratios: dict[str, Any] = {}
@@ -115,7 +123,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                                            b["worker_us_per_request"]["median"]),
             "requests": ratio(a["requests"]["median"], b["requests"]["median"]),
         }
-    result = {"machine": desc, "rounds": args.rounds, "files": args.files, "size": args.size,
+    result = {"machine": desc, "rounds": args.rounds, "complete": complete,
+              "rounds_done": {c: len(rs) for c, rs in rounds.items()}, "files": args.files, "size": args.size,
               "wall_s": round(time.monotonic() - started_all), "command": command,
               "host_cpu_us_per_request": totals, "results": summaries,
               "ratios_sandboxed_over_inproc": ratios}
