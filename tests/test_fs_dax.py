@@ -200,7 +200,7 @@ def dax_dev(tmp_path: Path):
     share = tmp_path / "share"
     share.mkdir()
     (share / "f").write_bytes(pattern(4 * PAGE, 3))
-    dev = FsDevice(FsOptions(str(share), "t", dax=True, dax_window_mib=2))
+    dev = FsDevice(FsOptions(str(share), "t", dax=True, sandbox="none", dax_window_mib=2))
     yield dev
     dev.close()
 
@@ -353,29 +353,32 @@ def test_mmio_reports_the_window_as_shm_region_0(dax_dev: FsDevice) -> None:
 
 def test_options_validate_the_window(tmp_path: Path) -> None:
     assert FsOptions(str(tmp_path), "t").dax is False
-    assert FsOptions(str(tmp_path), "t", dax=True).dax_window_mib == 1024
+    assert FsOptions(str(tmp_path), "t", dax=True, sandbox="none").dax_window_mib == 1024
     for bad in (0, 3, -2, 1 << 17, True, "64"):
         with pytest.raises(ValueError, match="dax_window_mib"):
-            FsOptions(str(tmp_path), "t", dax=True, dax_window_mib=bad)
+            FsOptions(str(tmp_path), "t", dax=True, sandbox="none", dax_window_mib=bad)
     with pytest.raises(ValueError, match="dax is false"):
         FsOptions(str(tmp_path), "t", dax_window_mib=64)
     with pytest.raises(ValueError, match="dax must be a bool"):
-        FsOptions(str(tmp_path), "t", dax="yes")
+        FsOptions(str(tmp_path), "t", dax="yes", sandbox="none")
+    # The window lives in the VMM process: a jailed back-end (the default) cannot serve it.
+    with pytest.raises(ValueError, match="dax: true needs sandbox: none"):
+        FsOptions(str(tmp_path), "t", dax=True)
 
 
 def test_yaml_and_shared_dir_keys(tmp_path: Path) -> None:
     share = tmp_path / "share"
     share.mkdir()
-    opts = parse_shared_dir(f"{share}:t:dax=true:dax_window_mib=64")
+    opts = parse_shared_dir(f"{share}:t:sandbox=none:dax=true:dax_window_mib=64")
     assert opts.dax is True and opts.dax_window_mib == 64
     with pytest.raises(ConfigError, match="dax: expected true or false"):
         parse_shared_dir(f"{share}:t:dax=1")
     with pytest.raises(ConfigError, match="dax_window_mib"):
-        parse_shared_dir(f"{share}:t:dax=true:dax_window_mib=x")
+        parse_shared_dir(f"{share}:t:sandbox=none:dax=true:dax_window_mib=x")
     with pytest.raises(ConfigError, match="dax_window_mib"):
-        parse_shared_dir(f"{share}:t:dax=true:dax_window_mib=5")
+        parse_shared_dir(f"{share}:t:sandbox=none:dax=true:dax_window_mib=5")
     p = tmp_path / "vm.yaml"
-    p.write_text(f"devices:\n  - type: fs\n    source: {share}\n    tag: d\n    dax: true\n"
+    p.write_text(f"devices:\n  - type: fs\n    source: {share}\n    tag: d\n    sandbox: none\n    dax: true\n"
                  "    dax_window_mib: 128\n")
     (dev,) = load_config(p).devices
     assert dev.dax is True and dev.dax_window_mib == 128
@@ -394,7 +397,7 @@ def test_windows_go_above_ram_on_gib_boundaries() -> None:
 def test_a_dax_share_is_mounted_dax_always_and_needs_the_dax_kernel(tmp_path: Path) -> None:
     from vmm.config import Config
     from vmm.machine import mount_lines, wants_dax
-    a = FsOptions(str(tmp_path), "a", dax=True, dax_window_mib=64)
+    a = FsOptions(str(tmp_path), "a", dax=True, sandbox="none", dax_window_mib=64)
     b = FsOptions(str(tmp_path), "b")
     assert mount_lines(Config(devices=(a, b))) == "mount a /mnt/a dax=always\nmount b /mnt/b\n"
     assert wants_dax(a) and not wants_dax(b)

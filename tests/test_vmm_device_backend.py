@@ -20,9 +20,13 @@ from vmm.control import request
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def start(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "vmm", "device", "fs", *args], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def start(*args: str, sandbox: str = "none", **kw) -> subprocess.Popen:
+    """Most tests here are about the listening back-end (control socket, one front-end after
+    another), which only an unjailed process serves: `--sandbox none` unless asked otherwise;
+    tests/test_sandbox.py covers the jailed modes."""
+    return subprocess.Popen([sys.executable, "-m", "vmm", "device", "fs", *args,
+                             "--sandbox", sandbox], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
 def wait_for(path: Path, proc: subprocess.Popen) -> None:

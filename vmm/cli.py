@@ -68,11 +68,21 @@ def build_parser() -> argparse.ArgumentParser:
     dsub = device.add_subparsers(dest="device_type", required=True)
     fs = dsub.add_parser("fs", help="virtio-fs back-end for a vhost-user front-end (e.g. QEMU's "
                                     "vhost-user-fs-device), like virtiofsd")
-    fs.add_argument("--socket", required=True, metavar="PATH", help="Unix socket to listen on")
+    conn = fs.add_mutually_exclusive_group(required=True)
+    conn.add_argument("--socket", metavar="PATH", help="Unix socket to listen on")
+    conn.add_argument("--fd", type=int, metavar="N",
+                      help="serve the already-connected vhost-user socket inherited as fd N")
     share = fs.add_mutually_exclusive_group(required=True)
     share.add_argument("--shared-dir", metavar="PATH:TAG[:k=v...]",
                        help="the share, with the same keys as `run --shared-dir`")
     share.add_argument("--config", type=Path, metavar="FILE", help="YAML config with one fs device")
+    share.add_argument("--options-json", metavar="JSON",
+                       help="the share as JSON FsOptions fields (how the VMM starts its child)")
+    fs.add_argument("--sandbox", choices=("namespace", "chroot", "none"),
+                    help="jail this process before serving (default: the share's `sandbox`, "
+                         "namespace); a jailed back-end serves one front-end")
+    fs.add_argument("--stats-fd", type=int, metavar="N",
+                    help="answer counter requests on the socket inherited as fd N (the VMM's)")
     fs.add_argument("--once", action="store_true", help="exit when the first front-end disconnects")
     fs.add_argument("--metrics", type=Path, metavar="FILE", help="write device counters as JSON on exit")
     fs.add_argument("--control", metavar="PATH", help="open a control socket (stats/reset/stop)")
@@ -152,8 +162,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_device(args: argparse.Namespace) -> int:
     from .device_backend import run_fs_backend
-    return run_fs_backend(args.socket, shared_dir=args.shared_dir, config=args.config, once=args.once,
-                          metrics=args.metrics, control=args.control, progress=_progress)
+    return run_fs_backend(args.socket, shared_dir=args.shared_dir, config=args.config,
+                          options_json=args.options_json, fd=args.fd, stats_fd=args.stats_fd,
+                          sandbox=args.sandbox, once=args.once, metrics=args.metrics,
+                          control=args.control, progress=_progress)
 
 
 def cmd_fuse_mount(args: argparse.Namespace) -> int:

@@ -17,7 +17,13 @@ from typing import Any
 
 import yaml
 
-from devices.virtio.fs.options import LIMIT_RANGES, XATTR_POLICIES, FsOptions, check_seconds
+from devices.virtio.fs.options import (
+    LIMIT_RANGES,
+    SANDBOX_MODES,
+    XATTR_POLICIES,
+    FsOptions,
+    check_seconds,
+)
 from devices.virtio.fs.options import DAX_WINDOW_MIB_RANGE, DEFAULT_DAX_WINDOW_MIB
 from devices.virtio.vhost_user.frontend import VhostUserFsOptions
 
@@ -74,6 +80,17 @@ class Config:
     @property
     def uses_vhost_user(self) -> bool:
         return any(isinstance(d, VhostUserFsOptions) for d in self.devices)
+
+    @property
+    def sandboxed_devices(self) -> tuple[FsOptions, ...]:
+        """`type: fs` devices served by a jailed back-end child (sandbox != none)."""
+        return tuple(d for d in self.devices if isinstance(d, FsOptions) and d.sandbox != "none")
+
+    @property
+    def shares_guest_memory(self) -> bool:
+        """Guest RAM must be a memfd another process can map: a vhost-user back-end's, or a
+        sandboxed fs device's child."""
+        return self.uses_vhost_user or bool(self.sandboxed_devices)
 
 
 # --------------------------------------------------------------------------------------------
@@ -257,6 +274,8 @@ def _parse_fs_device(section: _Section, base: Path) -> FsOptions:
     for key in FS_IDMAP_KEYS:
         if key in section.data:
             values[key] = section.take(key, str, None)
+    if "sandbox" in section.data:
+        values["sandbox"] = section.take_choice("sandbox", "namespace", SANDBOX_MODES)
     section.take("type", str, "fs")
     section.finish()
     return fs_options(values, section.error, base)
@@ -409,7 +428,7 @@ def parse_shared_dir(spec: str, base: Path | None = None) -> FsOptions:
 
 FS_OPTION_KEYS = ("type", "cache", "timeout", "negative_timeout", "writeback",
                   "num_request_queues", "trace", "trace_path", "allow_setid", "allow_mknod",
-                  "xattr_policy", "allow_selinux_xattr", *FS_LIMIT_KEYS,
+                  "xattr_policy", "allow_selinux_xattr", *FS_LIMIT_KEYS, "sandbox",
                   "ascii_casefold", "posix_acl", "security_ctx", *FS_IDMAP_KEYS)
 FS_OPTION_KEYS += ("dax", "dax_window_mib")   # DAX window
 
@@ -469,6 +488,10 @@ def parse_fs_option_items(where: str, source: str, tag: str, items: list[str],
             if not raw.isdigit() or not lo <= int(raw) <= hi:
                 raise error(key, f"expected an integer between {lo} and {hi}, got {raw!r}")
             values[key] = int(raw)
+        elif key == "sandbox":
+            if raw not in SANDBOX_MODES:
+                raise error(key, f"must be one of {', '.join(SANDBOX_MODES)}, got {raw!r}")
+            values[key] = raw
         else:
             raise error(key, f"unknown option (known: {', '.join(FS_OPTION_KEYS)})")
     return fs_options(values, error, base or Path.cwd())

@@ -10,14 +10,29 @@ The process follows the vhost-user "back-end program conventions": it does not d
 ends quickly and cleanly on SIGTERM (and SIGINT) with status 0, and it outlives its front-end:
 when QEMU goes away the session is torn down and the socket accepts the next front-end, unless
 `--once` asks to exit after the first session.
+
+`--sandbox namespace|chroot|none` (default: the share's `sandbox` option, itself `namespace`): the
+process jails itself with `devices.jail.enter` once the front-end's connection is in hand and
+before it serves a single message: pivot_root (or chroot) into the share, only the capabilities
+the passthrough needs, no_new_privs, the seccomp allowlist of devices/jail/policy.py. A jailed
+back-end opens no new channel (socket, bind, accept are outside the policy), so it serves exactly
+one front-end: the one it accepted on `--socket` before the jail, or the already-connected socket
+it inherited as `--fd N` (how the VMM starts it for a `type: fs` device, see vmm/sandbox.py), and
+`--control` needs `--sandbox none`. `--stats-fd N` (a socket inherited from the VMM) answers the
+VMM's requests for the counters; see vmm/sandbox.py for its small protocol.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import os
 import signal
+import socket
+import struct
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -46,10 +61,16 @@ class _ControlTarget:
         self.server.request_stop()
 
 
-def fs_options(shared_dir: str | None, config: Path | None):
-    """The one share to serve, from --shared-dir or from a config file's single fs device."""
+def fs_options(shared_dir: str | None, config: Path | None, options_json: str | None = None):
+    """The one share to serve, from --shared-dir, a config file's single fs device, or
+    --options-json (every FsOptions field, as the VMM hands a share to its sandboxed child)."""
     if shared_dir is not None:
         return parse_shared_dir(shared_dir)
+    if options_json is not None:
+        try:
+            return FsOptions(**json.loads(options_json))
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"--options-json: {exc}") from None
     assert config is not None
     cfg = load_config(config)
     if len(cfg.devices) != 1 or not isinstance(cfg.devices[0], FsOptions):
@@ -58,13 +79,31 @@ def fs_options(shared_dir: str | None, config: Path | None):
     return cfg.devices[0]
 
 
-def run_fs_backend(socket_path: str, *, shared_dir: str | None = None, config: Path | None = None,
+def run_fs_backend(socket_path: str | None, *, shared_dir: str | None = None,
+                   config: Path | None = None, options_json: str | None = None,
+                   fd: int | None = None, stats_fd: int | None = None, sandbox: str | None = None,
                    once: bool = False, metrics: Path | None = None, control: str | None = None,
                    progress=lambda msg: print(f"pyvmm: {msg}", file=sys.stderr, flush=True)) -> int:
     from devices.virtio.fs.device import FsDevice
     from devices.virtio.vhost_user.server import BackendServer, SocketInUse
 
-    options = fs_options(shared_dir, config)
+    if stats_fd is not None:   # the VMM's child: its start-up line is for -v, not for every run
+        progress = logger.info
+    try:
+        options = fs_options(shared_dir, config, options_json)
+    except ConfigError as exc:
+        _report(stats_fd, exc)
+        raise
+    if (socket_path is None) == (fd is None):
+        raise ConfigError("device fs: give exactly one of --socket PATH and --fd N")
+    mode = sandbox or options.sandbox
+    if mode != "none":
+        if control:
+            raise ConfigError("--control needs --sandbox none: a jailed back-end opens no socket "
+                              "(read its counters with --metrics, or from the VMM)")
+        return _run_jailed(options, mode, socket_path, fd, stats_fd, metrics, progress)
+    if fd is not None:
+        return _serve_fd(FsDevice(options), fd, stats_fd, metrics, progress)
     device = FsDevice(options)
     server: BackendServer | None = None
     stop_early = False
@@ -106,3 +145,190 @@ def run_fs_backend(socket_path: str, *, shared_dir: str | None = None, config: P
             signal.signal(s, handler)
         device.close()
     return 0
+
+
+# ---------------------------------------------------------------------------------- jailed / --fd
+
+
+def _accept_one(path: str) -> socket.socket:
+    """Listen on `path` and take one front-end: a jailed back-end cannot accept later."""
+    from devices.virtio.vhost_user.server import _prepare_path
+
+    _prepare_path(path)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as listener:
+        listener.bind(path)
+        try:
+            listener.listen(1)
+            sock, _ = listener.accept()
+        finally:
+            os.unlink(path)            # the jail could not remove it later
+    return sock
+
+
+def _run_jailed(options: FsOptions, mode: str, socket_path: str | None, fd: int | None,
+                stats_fd: int | None, metrics: Path | None, progress) -> int:
+    """Take the connection, open what must come from the host tree, jail, then serve."""
+    # Everything the jailed code runs is imported now: after pivot_root the interpreter's
+    # files are out of reach.
+    from devices.jail import JailSpec, enter
+    from devices.virtio.fs import inodes
+    from devices.virtio.fs.device import FsDevice, default_trace_path
+    from devices.virtio.fs.fdbudget import HEADROOM
+    from devices.virtio.vhost_user.server import BackendServer  # noqa: F401 - for _serve_fd
+    # imported lazily by FsDevice / the worker: load them while they are reachable
+    import ctypes  # noqa: F401
+    import devices.virtio.fs.passthrough  # noqa: F401
+    import fuse.server  # noqa: F401
+
+    if fd is None:
+        assert socket_path is not None
+        progress(f"vhost-user-fs back-end: waiting for one front-end on {socket_path} "
+                 f"(sandbox {mode})")
+        sock = _accept_one(socket_path)
+    else:
+        sock = socket.socket(fileno=fd)
+    keep = [sock.fileno()]
+    metrics_fd = trace_fd = None
+    if metrics is not None:
+        metrics_fd = os.open(metrics, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        keep.append(metrics_fd)
+    if options.trace:   # the trace file lives in the host tree: opened now, reopened by fd
+        trace_fd = os.open(options.trace_path or default_trace_path(options.tag),
+                           os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        keep.append(trace_fd)
+    if stats_fd is not None:
+        keep.append(stats_fd)
+    try:
+        spec = JailSpec(root=options.source, mode=mode, allow_mknod=options.allow_mknod,
+                        # file capabilities reach the host only with xattr_policy passthrough
+                        allow_setfcap=options.xattr_policy == "passthrough",
+                        max_open_files=min(1 << 20, options.max_inodes + options.max_handles + HEADROOM),
+                        keep_fds=tuple(keep))
+        jail = enter(spec, report_fd=stats_fd)
+    except Exception as exc:  # noqa: BLE001 - e.g. no privilege for namespaces: say why, once
+        _report(stats_fd, exc)
+        raise
+    inodes.set_proc_root(jail.proc_root)
+    changes: dict[str, Any] = {}
+    if mode != "none":
+        changes["source"] = "/"
+    if trace_fd is not None:
+        changes["trace_path"] = f"{jail.proc_root}self/fd/{trace_fd}"
+    try:
+        device = FsDevice(dataclasses.replace(options, **changes))
+    except Exception as exc:  # noqa: BLE001 - reported to the VMM; nothing can be imported now
+        logger.exception("sandboxed back-end: the device cannot start")
+        _report(stats_fd, exc)
+        return EXIT_FAILURE
+    code = _serve_fd(device, sock.detach(), stats_fd, metrics_fd, progress)
+    if trace_fd is not None:
+        os.close(trace_fd)
+    return code
+
+
+def _report(stats_fd: int | None, exc: BaseException) -> None:
+    """Tell the VMM (waiting for ``ready``) why the back-end will not serve."""
+    if stats_fd is not None:
+        try:
+            os.write(stats_fd, f"error {type(exc).__name__}: {exc}\n".encode())
+        except OSError:
+            pass
+
+
+def _serve_fd(device: Any, fd: int, stats_fd: int | None, metrics: Path | int | None,
+              progress) -> int:
+    """Serve the one front-end on the connected socket `fd` until it goes away (or SIGTERM)."""
+    from devices.virtio.vhost_user.server import BackendServer
+
+    server = BackendServer(device, None)
+    previous = {s: signal.signal(s, lambda *_a: server.request_stop())
+                for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        if stats_fd is not None:
+            StatsResponder(server, device.options.tag, stats_fd).start()
+        progress(f"vhost-user-fs back-end: tag {device.options.tag!r} on fd {fd}")
+        with server:
+            server.serve_connection(socket.socket(fileno=fd))
+            text = json.dumps({"exit_status": 0, "devices": {
+                f"fs:{device.options.tag}": server.metrics()}}, indent=2, sort_keys=True) + "\n"
+        if isinstance(metrics, int):
+            os.write(metrics, text.encode())
+            os.close(metrics)
+        elif metrics is not None:
+            metrics.write_text(text)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        device.close()
+    return 0
+
+
+#: A stats frame: its length, then that many bytes of JSON (either direction).
+FRAME = struct.Struct("<I")
+MAX_STATS_REQUEST = 4096
+
+
+class StatsResponder:
+    """The back-end's half of the VMM's stats channel (vmm/sandbox.py has the other).
+
+    A daemon thread answers, on a socket inherited before the jail, each framed request
+    ``{"cmd": "stats"}`` with the counters `python -m vmm device fs --control` would report and
+    ``{"cmd": "reset"}`` by zeroing them; it announces ``ready`` (one line) first. EOF (the VMM
+    is gone) asks the server to stop."""
+
+    def __init__(self, server: Any, tag: str, fd: int) -> None:
+        self.server = server
+        self.tag = tag
+        self.sock = socket.socket(fileno=fd)
+        self.sock.setblocking(True)
+        self.thread = threading.Thread(target=self._serve, name="stats", daemon=True)
+
+    def start(self) -> None:
+        self.sock.sendall(b"ready\n")
+        self.thread.start()
+
+    def _serve(self) -> None:
+        try:
+            while True:
+                request = _recv_frame(self.sock, MAX_STATS_REQUEST)
+                if request is None:
+                    break
+                try:
+                    cmd = json.loads(request).get("cmd")
+                    if cmd == "stats":
+                        reply: dict = {"ok": True, "metrics": self.server.metrics()}
+                    elif cmd == "reset":
+                        self.server.reset_metrics()
+                        reply = {"ok": True}
+                    else:
+                        reply = {"ok": False, "error": f"unknown command {cmd!r}"}
+                except (ValueError, AttributeError) as exc:
+                    reply = {"ok": False, "error": f"bad request: {exc}"}
+                send_frame(self.sock, json.dumps(reply).encode())
+        except OSError as exc:
+            logger.warning("stats channel: %s", exc)
+        self.server.request_stop()
+
+
+def send_frame(sock: socket.socket, data: bytes) -> None:
+    sock.sendall(FRAME.pack(len(data)) + data)
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
+    buf = b""
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            return None
+        buf += chunk
+    return buf
+
+
+def _recv_frame(sock: socket.socket, limit: int) -> bytes | None:
+    head = _recv_exact(sock, FRAME.size)
+    if head is None:
+        return None
+    (n,) = FRAME.unpack(head)
+    if n > limit:
+        raise OSError(f"frame of {n} bytes (limit {limit})")
+    return _recv_exact(sock, n)

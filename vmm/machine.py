@@ -208,8 +208,9 @@ class Machine:
         vm.create_irqchip()
         vm.create_pit2(kb.KVM_PIT_SPEAKER_DUMMY)
 
-        # RAM is a shareable memfd only when a vhost-user back-end must map it (see guest_ram).
-        memory = guest_ram(cfg.vm.memory_mib << 20, shared=cfg.uses_vhost_user)
+        # RAM is a shareable memfd only when another process must map it: a vhost-user back-end
+        # or a sandboxed fs device's child (see guest_ram).
+        memory = guest_ram(cfg.vm.memory_mib << 20, shared=cfg.shares_guest_memory)
         stack.callback(memory.close)
         memory.register(vm)
 
@@ -341,9 +342,15 @@ class Machine:
         """A virtio-fs device served here (`type: fs`), or a front-end for a back-end process
         (`type: vhost-user-fs`: connects and negotiates now, so a missing or refusing back-end
         ends the run before the guest starts, with one line naming its socket)."""
-        if isinstance(options, FsOptions):
+        if isinstance(options, FsOptions) and options.sandbox == "none":
             return FsDevice(options)
-        device = VhostUserFsFrontend(options, memory, on_lost=self._backend_lost)
+        device: VhostUserFsFrontend
+        if isinstance(options, FsOptions):
+            # sandbox: namespace|chroot -- a jailed child serves it over vhost-user (vmm/sandbox.py)
+            from .sandbox import SandboxedFsDevice
+            device = SandboxedFsDevice(options, memory, on_lost=self._backend_lost)
+        else:
+            device = VhostUserFsFrontend(options, memory, on_lost=self._backend_lost)
         stack.callback(device.close)   # also if the transport cannot be made (close is idempotent)
         return device
 

@@ -11,9 +11,10 @@ Then ``tests/test_jail.py`` runs the same workload jailed with ``seccomp_action=
 outside this list kills it and fails the test. (Unfiltered, strace shows ``clone3`` for threads;
 under the filter clone3 answers ENOSYS and glibc uses ``clone``, which the kill-mode run covers.)
 
-Result of the last derivation: 68 calls seen, 89 in the policy (added on review: 8 for creating as
+Result of the last derivation: 68 calls seen, 90 in the policy (added on review: 8 for creating as
 the guest caller and remapped capabilities, prlimit64 and truncate for the resource limits, all
-issue 11; prctl PR_SET_NAME for the worker's thread name, issue 9).
+issue 11; prctl PR_SET_NAME for the worker's thread name, issue 9; pipe2 for the back-end
+server's wake pipe, the sandboxed device).
 
 To extend: add the call to the group that needs it (or a new group saying why), run the
 workload with ``--strace`` and the jail tests. ``NEVER`` lists calls a jailed device must not make
@@ -68,10 +69,11 @@ GROUPS: tuple[Group, ...] = (
     Group("fd budget: the passthrough reads RLIMIT_NOFILE and raises the soft limit to the hard "
           "one (devices/virtio/fs/fdbudget.py); prlimit64 of this process only",
           ("prlimit64",)),
-    Group("fd plumbing: eventfd counters, the report pipe, fcntl(F_GETFL/F_SETFL/F_DUPFD_CLOEXEC); "
+    Group("fd plumbing: eventfd counters, the report pipe, the back-end server's wake pipe "
+          "(pipe2), fcntl(F_GETFL/F_SETFL/F_DUPFD_CLOEXEC); "
           "ioctl only TCGETS (isatty), FIONBIO (socket.setblocking), FIOCLEX/FIONCLEX "
           "(os.set_inheritable): no TIOCSTI into a terminal, no device ioctls",
-          ("read", "write", "close", "fcntl", "lseek", "ioctl")),
+          ("read", "write", "close", "fcntl", "lseek", "ioctl", "pipe2")),
     Group("waiting: the worker's epoll on kick/stop eventfds, interrupts through call eventfds, "
           "select/poll with timeouts",
           ("eventfd2", "epoll_create1", "epoll_ctl", "epoll_wait", "pselect6",

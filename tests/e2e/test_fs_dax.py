@@ -44,7 +44,7 @@ def dax_share(root: Path, files: dict[str, bytes], **options) -> Share:
     root.mkdir()
     for name, data in files.items():
         (root / name).write_bytes(data)
-    return Share(root, "share", dax=True, dax_window_mib=WINDOW_MIB, **options)
+    return Share(root, "share", dax=True, sandbox="none", dax_window_mib=WINDOW_MIB, **options)
 
 
 def test_read_goes_through_the_window(dax_guest: GuestRunner, tmp_path: Path) -> None:

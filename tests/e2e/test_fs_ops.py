@@ -271,7 +271,9 @@ def test_hostile_names_on_the_wire_of_a_booted_device(boot, tmp_path, monkeypatc
         f"symlink target {m}/EVIL_SYMLINK_NUL_004 expect=EINVAL",
         f"rename {m}/src {m}/EVIL_RENAME_PARENT_5 expect=EINVAL",
         f"unlink {m}/EVIL_UNLINK_SECRET_6 expect=EINVAL",
-        f"stat {m}/src", "exit 0"]) + "\n", shares=(share(root),))
+        f"stat {m}/src", "exit 0"]) + "\n",
+        # sandbox none: the hostile names are injected into the in-process worker (monkeypatch)
+        shares=(share(root, sandbox="none"),))
     assert_ok(r)
     assert sorted(injected) == sorted(k.decode() for k in _HOSTILE)   # every one hit the wire
     assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in outside.iterdir()} == before

@@ -49,6 +49,11 @@ def proc_fd_path(fd: int) -> str:
     return f"{_proc_root}self/fd/{fd}"
 
 
+def proc_self_path(rel: str) -> str:
+    """``/proc/self/<rel>`` of this process, also inside a jail (its schedstat, fdinfo)."""
+    return f"{_proc_root}self/{rel}"
+
+
 ROOT_ID = 1
 #: libfuse (and crosvm) start the root with two references so that a stray FORGET of the root
 #: cannot drop it; we additionally never close the root before destroy().

@@ -84,6 +84,8 @@ def check_dax_window_mib(value: object) -> None:
         raise ValueError(f"dax_window_mib must be an integer, got {value!r}")
     if not lo <= value <= hi or value % 2:
         raise ValueError(f"dax_window_mib must be an even number between {lo} and {hi}, got {value}")
+#: Where a shared directory's device runs (the jail modes of devices/jail, plus `none`).
+SANDBOX_MODES = ("namespace", "chroot", "none")
 
 
 #: Timeouts at or above this are refused rather than silently capped (FUSE carries validity as
@@ -152,6 +154,9 @@ class FsOptions:
     uidmap: str | None = None      # "inner outer count[,...]" guest uid -> host uid (idmap.py)
     gidmap: str | None = None      # the same for gids
     security_ctx: bool = False     # FUSE_SECURITY_CTX; refused where fscreate is not writable
+    # Where the device runs (README "Sandbox"): a jailed vhost-user back-end child of the VMM
+    # (namespace: pivot_root into the share; chroot), or `none`: a worker thread of the VMM.
+    sandbox: str = "namespace"
 
     def __post_init__(self) -> None:
         # source
@@ -205,6 +210,11 @@ class FsOptions:
         if self.max_write % 4096:
             raise ValueError(f"max_write must be a multiple of 4096, got {self.max_write}")
 
+        if self.sandbox not in SANDBOX_MODES:
+            raise ValueError(f"sandbox must be one of {'|'.join(SANDBOX_MODES)}, got {self.sandbox!r}")
+        if self.dax and self.sandbox != "none":
+            raise ValueError("dax: true needs sandbox: none (the DAX window is mapped by the device "
+                             "inside the VMM process; a jailed back-end cannot map files into it)")
         # DAX window
         if not isinstance(self.dax, bool):
             raise ValueError(f"dax must be a bool, got {self.dax!r}")

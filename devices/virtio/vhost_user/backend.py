@@ -38,6 +38,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from devices.memory import GuestMemoryError
+from devices.virtio.fs.inodes import proc_self_path
 from devices.virtio.device import VirtioDevice
 from devices.virtio.queue import (
     VIRTIO_RING_F_EVENT_IDX,
@@ -134,11 +135,12 @@ class BackendCounters:
 
 
 def thread_cpu_seconds(native_id: int | None) -> float | None:
-    """CPU time of one of our threads (from /proc/self/task/TID/schedstat, in ns), or None."""
+    """CPU time of one of our threads (from /proc/self/task/TID/schedstat, in ns), or None.
+    (Through inodes.proc_self_path: a jailed back-end reaches its procfs relative to its cwd.)"""
     if native_id is None:
         return None
     try:
-        with open(f"/proc/self/task/{native_id}/schedstat") as f:
+        with open(proc_self_path(f"task/{native_id}/schedstat")) as f:
             return int(f.read().split()[0]) / 1e9
     except (OSError, ValueError, IndexError):
         return None
@@ -154,10 +156,10 @@ def check_eventfd(fd: int, what: str) -> None:
     if stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode):
         raise RequestError(f"{what}: descriptor is a file, not an eventfd")
     try:
-        with open(f"/proc/self/fdinfo/{fd}") as f:
+        with open(proc_self_path(f"fdinfo/{fd}")) as f:
             info = f.read()
     except OSError:
-        return  # no /proc (a jail): the type check above is all we can do
+        return  # no procfs reachable: the type check above is all we can do
     if "eventfd-count:" not in info:
         raise RequestError(f"{what}: descriptor is not an eventfd")
 

@@ -113,6 +113,8 @@ class VhostUserFsFrontend(VirtioDevice):
     `memory` must be shareable (`devices.memory.map_memfd` regions): its fds go to the back-end.
     `on_lost(message)` is called (from the monitor thread) once if the back-end goes away while the
     VM runs. Construction connects and negotiates; it raises `VhostUserFrontendError`.
+    `sock`: an already-connected socket to use instead of connecting to `options.socket` (the
+    VMM's own sandboxed fs child on a socketpair; `options.socket` then only names it).
     """
 
     device_type = VIRTIO_ID_FS
@@ -120,7 +122,7 @@ class VhostUserFsFrontend(VirtioDevice):
 
     def __init__(self, options: VhostUserFsOptions, memory: GuestMemory, *,
                  on_lost: Callable[[str], None] | None = None, timeout: float = REPLY_TIMEOUT,
-                 queue_size: int = QUEUE_SIZE) -> None:
+                 queue_size: int = QUEUE_SIZE, sock: socket.socket | None = None) -> None:
         super().__init__()
         self.options = options
         self.path = options.socket
@@ -142,7 +144,11 @@ class VhostUserFsFrontend(VirtioDevice):
         if not memory.shareable:
             raise VhostUserFrontendError(self.path, "guest RAM is not shareable (the VMM must map it "
                                          "from a memfd for a vhost-user device)")
-        self.conn = self._connect(timeout)
+        if sock is None:
+            self.conn = self._connect(timeout)
+        else:
+            sock.settimeout(timeout)
+            self.conn = Connection(sock, timeout=timeout)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         try:
             self._negotiate()
