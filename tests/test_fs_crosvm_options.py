@@ -20,8 +20,7 @@ from devices.virtio.fs.device import passthrough_factory
 from devices.virtio.fs.options import FsOptions
 from fuse import abi
 from fuse.abi import Opcode
-from fuse.server import Server
-from tests.test_passthrough_policy import ALL_FLAGS, Guest
+from tests.test_passthrough_policy import Guest
 from vmm.config import ConfigError, parse_config, parse_shared_dir
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="!!! needs root (creates as other uids)")
@@ -31,17 +30,10 @@ class Dev(Guest):
     """The policy tests' guest, in front of the filesystem a VM's device would build."""
 
     def __init__(self, share, uid: int = 0, gid: int = 0, **options) -> None:
-        self.share = share
-        self.fs = passthrough_factory(FsOptions(source=str(share), tag="t", **options))
-        self.server = Server(self.fs)
-        self.uid, self.gid = uid, gid
-        self.unique = 0
-        err, body = self.call(Opcode.INIT, abi.INIT_IN.pack(
-            major=7, minor=37, max_readahead=1 << 17, flags=ALL_FLAGS & 0xFFFFFFFF,
-            flags2=ALL_FLAGS >> 32), nodeid=0)
-        assert err == 0
-        init = abi.INIT_OUT.unpack(body)
-        self.flags = init.flags | init.flags2 << 32
+        super().__init__(share, uid, gid, **options)
+
+    def make_fs(self, options: FsOptions):
+        return passthrough_factory(options)
 
     def entry(self, name: bytes, parent: int = 1) -> tuple[int, object]:
         err, body = self.call(Opcode.LOOKUP, name + b"\0", parent)

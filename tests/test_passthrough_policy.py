@@ -52,7 +52,7 @@ class Guest:
 
     def __init__(self, share, uid: int = 1000, gid: int = 1000, **options) -> None:
         self.share = share
-        self.fs = PassthroughFs(FsOptions(source=str(share), tag="t", **options))
+        self.fs = self.make_fs(FsOptions(source=str(share), tag="t", **options))
         self.server = Server(self.fs)
         self.uid, self.gid = uid, gid
         self.unique = 0
@@ -62,6 +62,10 @@ class Guest:
         assert err == 0
         init = abi.INIT_OUT.unpack(body)
         self.flags = init.flags | init.flags2 << 32
+
+    def make_fs(self, options: FsOptions):
+        """The file system under test: the bare passthrough (subclasses put a device's in front)."""
+        return PassthroughFs(options)
 
     def call(self, opcode: int, body: bytes = b"", nodeid: int = 1, *, uid: int | None = None,
              gid: int | None = None) -> tuple[int, bytes]:
