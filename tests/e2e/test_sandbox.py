@@ -14,20 +14,10 @@ import os
 import signal
 from pathlib import Path
 
-from devices.jail import capabilities
 from tests.e2e.helpers import assert_ok, share
+from tests.test_sandbox import FS_CAPS, status
 from vmm.control import request
 from vmm.exit_status import EXIT_DEVICE_LOST
-
-FS_CAPS = capabilities.mask_of(capabilities.FS_DEVICE_CAPS)
-
-
-def _status(pid: int) -> dict[str, str]:
-    out = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        out[key] = value.strip()
-    return out
 
 
 def _child_pid(ctl: str) -> int:
@@ -46,7 +36,7 @@ def test_default_share_is_served_by_a_jailed_child(boot, tmp_path):
             try:
                 pid = _child_pid(ctl)
                 seen["pid"] = pid
-                seen["status"] = _status(pid)
+                seen["status"] = status(pid)
                 seen["root"] = sorted(os.listdir(f"/proc/{pid}/root"))
                 st = os.stat(f"/proc/{pid}/root")
                 seen["root_id"] = (st.st_dev, st.st_ino)
