@@ -152,7 +152,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     to_exit = f"{t['to_exit_line_s']:.2f} s" if "to_exit_line_s" in t else "never"
     print(f"pyvmm: exit status {result.exit_status} ({result.stop.reason.value}); "
           f"agent first line at {to_agent}, exit line at {to_exit}, total {t['total_s']:.2f} s, "
-          f"{t.get('exits', 0)} vCPU exits", file=sys.stderr)
+          f"{t.get('exits', 0)} vCPU exits, "
+          f"vCPU CPU {t.get('vcpu_cpu_s', 0.0):.2f} s", file=sys.stderr)
     if args.metrics:
         args.metrics.write_text(json.dumps({
             "exit_status": result.exit_status, "stop": result.stop.reason.name,

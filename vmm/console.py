@@ -33,6 +33,9 @@ class ConsoleSink:
         self.start = time.monotonic()
         self.first_agent_line_at: float | None = None
         self.exit_line_at: float | None = None
+        #: Host time (seconds since `start`) at which each agent step line ended, by step number:
+        #: the host's clock, for durations the guest's own clock may misread (see test_boot).
+        self.step_host_s: dict[int, float] = {}
         self.bytes_seen = 0
 
     def __call__(self, data: bytes) -> None:
@@ -59,6 +62,9 @@ class ConsoleSink:
             self.log_file.write(line)
             self.log_file.flush()
         parsed = self.parser.feed(line)
+        for p in parsed:
+            if p.kind == "step" and p.step is not None:
+                self.step_host_s[p.step] = now - self.start
         if self.output is not None:
             if parsed and parsed[0].kind == "echo":
                 # `echo TEXT` is for the user: show the text itself, as a shell's echo would.

@@ -53,8 +53,19 @@ BASE_CMDLINE = "console=ttyS0 reboot=k panic=-1 quiet"
 # kvm_pvm runs guest kernel code through KVM's instruction emulator, and the CPUID we set does not
 # reach the guest: hide the features whose instructions the emulator refuses (see
 # shared/reference/kvm-pvm-platform.md). `clearcpuid=` is read into a 128-byte buffer: keep it short.
+#
+# clocksource=kvm-clock: the guest sees the host's invariant-TSC flags, so Linux lowers kvm-clock's
+# rating and switches to `tsc` once it is calibrated, well after SMP bring-up. Each switch is a
+# stop_machine() over every vCPU; with 8 emulated vCPUs on 2 host cores that rendezvous stalled
+# for the whole 600 s timeout (vCPUs found in multi_cpu_stop / stop_machine_yield). kvm-clock is
+# KVM's own clock, scaled by the host, so staying on it costs nothing here.
+#
+# erms,fsrm: without them the kernel copies and clears memory with `rep movsq`/`stosq` instead of
+# `rep movsb`: the emulator runs a rep instruction one element per step, so 8 bytes a step instead
+# of 1 (a 16 MiB write + read in the guest: 52 + 92 s -> 25 + 61 s; boot to the agent 12.2 -> 9.9 s).
+# The buffer limit above: keep this list under 127 characters.
 KVM_PVM_CMDLINE = ("noxsave clearcpuid=cx16,popcnt,rdrand,rdseed,fsgsbase,rdpid,smap,smep,pcid,"
-                   "invpcid,bmi1,bmi2,movbe mitigations=off nopti")
+                   "invpcid,bmi1,bmi2,movbe,erms,fsrm mitigations=off nopti clocksource=kvm-clock")
 SCRIPT_PATH = "pyvmm/script"
 # The window size as the kernel's memparse() reads it in virtio_mmio.device=<size>@<base>:<irq>.
 VIRTIO_MMIO_CMDLINE_SIZE = (f"{layout.VIRTIO_MMIO_SIZE // layout.KiB}K"
@@ -155,10 +166,21 @@ class Machine:
         return ensure_kernel(progress=self.kernel_progress, variant=variant)
 
     def uses_acpi(self) -> bool:
-        """ACPI tables are written when devices are announced through them or for SMP (the MADT
-        lists the CPUs). Otherwise the guest boots with acpi=off: parsing tables costs boot time in
-        a guest whose kernel runs through an instruction emulator on kvm_pvm."""
-        return self.config.vm.discovery in ("acpi", "both") or self.config.vm.vcpus > 1
+        """ACPI tables are written when devices are announced through them, for SMP (the MADT
+        lists the CPUs) and always on kvm_pvm; otherwise the guest boots with acpi=off.
+
+        On kvm_pvm a guest without ACPI has no I/O APIC and runs its local APIC, if any, in
+        virtual-wire mode behind the 8259 PIC, and there an emulated `hlt` does not block: an idle
+        1-vCPU guest kept its vCPU thread at 100% of a host core (10 s of `sleep` cost 10.4 s of
+        vCPU CPU, `lapic` on the command line changed nothing), taking the core from the device
+        worker serving it, and its PIT tick ran in periodic mode, which KVM re-injects in bursts
+        after the thread was descheduled (jiffies then outrun the clock: a CI run measured
+        msleep(50) as 29 ms). With the MADT's I/O APIC the same guest idles (10 s of `sleep`:
+        about 0.5 s of vCPU CPU) and ticks from its local APIC timer; parsing the tables costs
+        well under a second of boot here. On hardware KVM `hlt` blocks either way, and a 1-vCPU
+        guest keeps the faster acpi=off boot."""
+        return (self.config.vm.discovery in ("acpi", "both") or self.config.vm.vcpus > 1
+                or on_kvm_pvm())
 
     def build_cmdline(self, devices: list[tuple[int, int]], acpi: bool = False) -> str:
         parts = [BASE_CMDLINE]
@@ -167,6 +189,7 @@ class Machine:
         if on_kvm_pvm():
             logger.debug("kvm_pvm detected: adding %s", KVM_PVM_CMDLINE)
             parts.append(KVM_PVM_CMDLINE)
+
         if self.config.vm.discovery in ("cmdline", "both"):
             parts += [f"virtio_mmio.device={VIRTIO_MMIO_CMDLINE_SIZE}@{base:#x}:{gsi}"
                       for base, gsi in devices]
@@ -245,6 +268,7 @@ class Machine:
         sink.flush()
         self._stop_threads(threads)
         timings["exits"] = sum(t.exits for t in threads)
+        timings["vcpu_cpu_s"] = sum(t.cpu_s for t in threads)
         if self._stop is not None and self._stop.reason in (StopReason.TIMEOUT, StopReason.SIGNAL,
                                                             StopReason.CONTROL):
             # A guest that had to be stopped from outside: say where each vCPU was.

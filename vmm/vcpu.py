@@ -13,6 +13,7 @@ import enum
 import errno
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -63,6 +64,8 @@ class VcpuThread(threading.Thread):
         #: Called when KVM_RUN fails with EFAULT; True means it fixed the cause (enter again).
         self.on_fault: Callable[[], bool] | None = None
         self.exit_reasons: collections.Counter[int] = collections.Counter()
+        #: CPU time of this thread (KVM_RUN included: emulated guest code is kernel time), set on exit.
+        self.cpu_s = 0.0
 
     def kick(self) -> None:
         """Make KVM_RUN return soon: immediate_exit covers the window before the ioctl is entered."""
@@ -74,6 +77,8 @@ class VcpuThread(threading.Thread):
         except Exception as exc:  # noqa: BLE001 - a vCPU thread must report, never die silently
             logger.exception("vcpu%d: unexpected error", self.vcpu.index)
             self.on_stop(Stop(StopReason.VCPU_ERROR, f"vcpu{self.vcpu.index}: {exc}"))
+        finally:
+            self.cpu_s = time.thread_time()
 
     def _loop(self) -> None:
         vcpu = self.vcpu
@@ -169,5 +174,6 @@ def describe_thread(t: VcpuThread) -> str:
     except Exception as exc:  # noqa: BLE001
         mp = f"unavailable ({exc})"
     reasons = ", ".join(f"{exit_name(r)}={n}" for r, n in t.exit_reasons.most_common())
-    return (f"vcpu{t.vcpu.index}: mp_state {mp}; {t.exits} exits ({reasons or 'none'})\n"
+    return (f"vcpu{t.vcpu.index}: mp_state {mp}; {t.exits} exits ({reasons or 'none'}), "
+            f"{t.cpu_s:.2f} s CPU\n"
             + describe_vcpu(t.vcpu, t.memory))
