@@ -31,7 +31,7 @@ from devices.virtio.vhost_user.protocol import Request
 from tests.vhost_user_support import Frontend
 from vmm.config import ConfigError, load_config, parse_shared_dir
 from vmm.memory import guest_ram
-from vmm.sandbox import BackendChild, SandboxedFsDevice, SandboxError
+from vmm.sandbox import BackendChild, SandboxedFsDevice, SandboxError, describe_status
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the jail needs root (mounts, seccomp)")
 
@@ -143,7 +143,9 @@ def test_child_is_jailed_in_the_share_and_serves(share, mode):
         child.request("reset")
         fe.conn.close()
         child.vhost_sock = None
-        assert child.close() == 0                      # the session ended: a clean exit
+        t0 = time.monotonic()
+        code = child.close()                           # the session ended: a clean exit
+        assert code == 0, (describe_status(code), f"after {time.monotonic() - t0:.1f} s")
     finally:
         child.kill()
         child.close()
