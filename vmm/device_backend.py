@@ -34,7 +34,7 @@ import struct
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from devices.virtio.fs.options import FsOptions
 
@@ -101,7 +101,7 @@ def run_fs_backend(socket_path: str | None, *, shared_dir: str | None = None,
         if control:
             raise ConfigError("--control needs --sandbox none: a jailed back-end opens no socket "
                               "(read its counters with --metrics, or from the VMM)")
-        return _run_jailed(options, mode, socket_path, fd, stats_fd, metrics, progress)
+        _exit_jailed(_run_jailed(options, mode, socket_path, fd, stats_fd, metrics, progress))
     if fd is not None:
         return _serve_fd(FsDevice(options), fd, stats_fd, metrics, progress)
     device = FsDevice(options)
@@ -224,6 +224,24 @@ def _run_jailed(options: FsOptions, mode: str, socket_path: str | None, fd: int 
     if trace_fd is not None:
         os.close(trace_fd)
     return code
+
+
+def _exit_jailed(code: int) -> NoReturn:
+    """End the jailed back-end without finalizing the interpreter.
+
+    Its daemon threads (the stats channel, idle pool threads) are still blocked in system calls
+    when the session ends, and CPython's finalization around them inside the jail crashed the
+    child now and then: about one exit in ten under load ended in SIGABRT, then SIGSEGV, in C
+    code with no Python frame (tests/test_sandbox.py, with PYTHONFAULTHANDLER=1). Everything the
+    process owes anyone is written by now (replies, the metrics file, the trace, which
+    `device.close()` closed), so flush the log and the standard streams and leave."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def _report(stats_fd: int | None, exc: BaseException) -> None:
