@@ -57,12 +57,14 @@ BASE_CMDLINE = "console=ttyS0 reboot=k panic=-1 quiet"
 # clocksource=kvm-clock: the guest sees the host's invariant-TSC flags, so Linux lowers kvm-clock's
 # rating and switches to `tsc` once it is calibrated, well after SMP bring-up. Each switch is a
 # stop_machine() over every vCPU; with 8 emulated vCPUs on 2 host cores that rendezvous stalled
-# for the whole 600 s timeout (vCPUs found in multi_cpu_stop / stop_machine_yield). kvm-clock is
-# KVM's own clock, scaled by the host, so staying on it costs nothing here.
+# for the whole 600 s timeout (vCPUs found in multi_cpu_stop / stop_machine_yield). Staying on
+# kvm-clock costs about 5% of guest speed in a stat probe (its reads take more emulated
+# instructions than rdtsc), the price of boots that finish.
 #
 # erms,fsrm: without them the kernel copies and clears memory with `rep movsq`/`stosq` instead of
 # `rep movsb`: the emulator runs a rep instruction one element per step, so 8 bytes a step instead
-# of 1 (a 16 MiB write + read in the guest: 52 + 92 s -> 25 + 61 s; boot to the agent 12.2 -> 9.9 s).
+# of 1 (a 16 MiB write + read in the guest: 52 + 92 s -> 25 + 61 s; guest uptime at the agent's
+# start 12.2 -> 9.9 s).
 # The buffer limit above: keep this list under 127 characters.
 KVM_PVM_CMDLINE = ("noxsave clearcpuid=cx16,popcnt,rdrand,rdseed,fsgsbase,rdpid,smap,smep,pcid,"
                    "invpcid,bmi1,bmi2,movbe,erms,fsrm mitigations=off nopti clocksource=kvm-clock")
@@ -172,13 +174,11 @@ class Machine:
         On kvm_pvm a guest without ACPI has no I/O APIC and runs its local APIC, if any, in
         virtual-wire mode behind the 8259 PIC, and there an emulated `hlt` does not block: an idle
         1-vCPU guest kept its vCPU thread at 100% of a host core (10 s of `sleep` cost 10.4 s of
-        vCPU CPU, `lapic` on the command line changed nothing), taking the core from the device
-        worker serving it, and its PIT tick ran in periodic mode, which KVM re-injects in bursts
-        after the thread was descheduled (jiffies then outrun the clock: a CI run measured
-        msleep(50) as 29 ms). With the MADT's I/O APIC the same guest idles (10 s of `sleep`:
-        about 0.5 s of vCPU CPU) and ticks from its local APIC timer; parsing the tables costs
-        well under a second of boot here. On hardware KVM `hlt` blocks either way, and a 1-vCPU
-        guest keeps the faster acpi=off boot."""
+        vCPU CPU; `lapic` on the command line, or KVM_MP_STATE_HALTED set from user space, changed
+        nothing), taking the core from the device worker serving it. With the MADT's I/O APIC
+        the same guest idles (10 s of `sleep`: about 0.5 s of vCPU CPU) and ticks from its local
+        APIC timer; parsing the tables costs well under a second of boot here. On hardware KVM
+        `hlt` blocks either way, and a 1-vCPU guest keeps the faster acpi=off boot."""
         return (self.config.vm.discovery in ("acpi", "both") or self.config.vm.vcpus > 1
                 or on_kvm_pvm())
 
@@ -189,7 +189,6 @@ class Machine:
         if on_kvm_pvm():
             logger.debug("kvm_pvm detected: adding %s", KVM_PVM_CMDLINE)
             parts.append(KVM_PVM_CMDLINE)
-
         if self.config.vm.discovery in ("cmdline", "both"):
             parts += [f"virtio_mmio.device={VIRTIO_MMIO_CMDLINE_SIZE}@{base:#x}:{gsi}"
                       for base, gsi in devices]
