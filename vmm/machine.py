@@ -337,8 +337,8 @@ class Machine:
                          mmio: Bus) -> None:
         """Each DAX window above RAM (vmm.layout), as its own KVM memory slot after RAM's."""
         # FsDevice (in-process) or a sandboxed device's front-end: each keeps its window here
-        placed = [(d, d.dax_window) for d in self.fs_devices
-                  if getattr(d, "dax_window", None) is not None]
+        placed = [(d, w) for d in self.fs_devices
+                  if (w := getattr(d, "dax_window", None)) is not None]
         if not placed:
             return
         ram_end = max(r.end for r in memory.regions)
