@@ -26,7 +26,7 @@ slot, reported as shared memory region 0 -- and also negotiates SLAVE_REQ (with 
 hands the back-end one end of a socketpair with SET_SLAVE_REQ_FD and serves the back-end's
 FS_MAP/FS_UNMAP requests on it (`backend_req.FsMapServer`). A `type: vhost-user-fs` device (a
 back-end we did not start) gets no window: the VMM would have to guess its size, and the
-back-ends one points us at (virtiofsd, crosvm's) do not send FS_MAP over vhost-user.
+back-ends one points us at (C virtiofsd, upstream Rust virtiofsd) have no DAX.
 
 Because the call fd is the irqfd itself, the transport never sees a used-ring interrupt; the
 transport reports the VRING bit in InterruptStatus whenever such a device is active
