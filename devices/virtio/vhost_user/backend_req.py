@@ -270,7 +270,9 @@ class FsMapServer:
                                 bool(e.flags & FS_FLAG_MAP_W))
                 done.append(e)
         except OSError:
-            for e in done:         # all or nothing
+            # All or nothing, as far as it goes: the entries already mapped are taken back (what
+            # they replaced is not restored; our back-end sends one entry per request).
+            for e in done:
                 self.window.unmap(e.cache_offset, e.length)
             raise
 
