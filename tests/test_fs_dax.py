@@ -361,9 +361,22 @@ def test_options_validate_the_window(tmp_path: Path) -> None:
         FsOptions(str(tmp_path), "t", dax_window_mib=64)
     with pytest.raises(ValueError, match="dax must be a bool"):
         FsOptions(str(tmp_path), "t", dax="yes", sandbox="none")
-    # The window lives in the VMM process: a jailed back-end (the default) cannot serve it.
-    with pytest.raises(ValueError, match="dax: true needs sandbox: none"):
-        FsOptions(str(tmp_path), "t", dax=True)
+    # A jailed back-end maps into the VMM's window over the back-end request channel.
+    for mode in ("namespace", "chroot"):
+        assert FsOptions(str(tmp_path), "t", dax=True, sandbox=mode).dax is True
+
+
+def test_a_foreign_back_end_gets_no_dax_window(tmp_path: Path) -> None:
+    from vmm.config import parse_vhost_user_fs
+    for item in ("dax=true", "dax_window_mib=64"):
+        with pytest.raises(ConfigError, match="not offered for a foreign back-end") as err:
+            parse_vhost_user_fs(f"{tmp_path}/s.sock:t:{item}")
+        assert "\n" not in str(err.value)
+    p = tmp_path / "vm.yaml"
+    p.write_text(f"devices:\n  - type: vhost-user-fs\n    socket: {tmp_path}/s.sock\n    tag: t\n"
+                 "    dax: true\n")
+    with pytest.raises(ConfigError, match="dax: not offered for a foreign back-end"):
+        load_config(p)
 
 
 def test_yaml_and_shared_dir_keys(tmp_path: Path) -> None:

@@ -281,6 +281,11 @@ def _parse_fs_device(section: _Section, base: Path) -> FsOptions:
     return fs_options(values, section.error, base)
 
 
+#: DAX needs a back-end that maps over the back-end request channel and a known window size.
+_NO_FOREIGN_DAX = ("not offered for a foreign back-end: use a `type: fs` share (its sandboxed "
+                   "back-end maps into the DAX window)")
+
+
 def _parse_vhost_user_fs_device(section: _Section, base: Path) -> VhostUserFsOptions:
     """`type: vhost-user-fs`: a virtio-fs device whose back-end is another process."""
     sock = section.take("socket", str, None)
@@ -290,6 +295,9 @@ def _parse_vhost_user_fs_device(section: _Section, base: Path) -> VhostUserFsOpt
     if tag is None:
         raise section.error("tag", "is required (the name the guest mounts)")
     queues = section.take_int("num_request_queues", 1, 1, 64)
+    for key in ("dax", "dax_window_mib"):
+        if key in section.data:
+            raise section.error(key, _NO_FOREIGN_DAX)
     section.take("type", str, "vhost-user-fs")
     section.finish()
     return vhost_user_fs_options(sock, tag, queues, base, section.error)
@@ -321,6 +329,8 @@ def parse_vhost_user_fs(spec: str, base: Path | None = None) -> VhostUserFsOptio
     queues = 1
     for item in parts[2:]:
         key, sep, raw = item.partition("=")
+        if key in ("dax", "dax_window_mib"):
+            raise error(key, _NO_FOREIGN_DAX)
         if key != "num_request_queues" or not sep:
             raise error(key, "unknown option (known: num_request_queues)")
         if not raw.isdigit() or not 1 <= int(raw) <= 64:

@@ -18,7 +18,10 @@ the passthrough needs, no_new_privs, the seccomp allowlist of devices/jail/polic
 back-end opens no new channel (socket, bind, accept are outside the policy), so it serves exactly
 one front-end: the one it accepted on `--socket` before the jail, or the already-connected socket
 it inherited as `--fd N` (how the VMM starts it for a `type: fs` device, see vmm/sandbox.py), and
-`--control` needs `--sandbox none`. `--stats-fd N` (a socket inherited from the VMM) answers the
+`--control` needs `--sandbox none`. A share with `dax: true` never maps files into a window of
+this process: its DAX window's mapper is the vhost-user back-end request channel (FS_MAP/FS_UNMAP
+to the front-end, which owns the window; devices/virtio/vhost_user/backend_req.py), connected
+when the front-end sends SET_SLAVE_REQ_FD. `--stats-fd N` (a socket inherited from the VMM) answers the
 VMM's requests for the counters; see vmm/sandbox.py for its small protocol.
 """
 
@@ -103,8 +106,11 @@ def run_fs_backend(socket_path: str | None, *, shared_dir: str | None = None,
                               "(read its counters with --metrics, or from the VMM)")
         _exit_jailed(_run_jailed(options, mode, socket_path, fd, stats_fd, metrics, progress))
     if fd is not None:
-        return _serve_fd(FsDevice(options), fd, stats_fd, metrics, progress)
-    device = FsDevice(options)
+        channel = dax_channel(options)
+        return _serve_fd(FsDevice(options, dax_mapper=channel), fd, stats_fd, metrics, progress,
+                         channel)
+    channel = dax_channel(options)
+    device = FsDevice(options, dax_mapper=channel)
     server: BackendServer | None = None
     stop_early = False
 
@@ -119,7 +125,7 @@ def run_fs_backend(socket_path: str | None, *, shared_dir: str | None = None,
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         try:
-            server = BackendServer(device, socket_path, once=once)
+            server = BackendServer(device, socket_path, once=once, backend_channel=channel)
         except (SocketInUse, OSError) as exc:
             progress(f"error: cannot listen on {socket_path}: {exc}")
             return EXIT_FAILURE
@@ -145,6 +151,14 @@ def run_fs_backend(socket_path: str | None, *, shared_dir: str | None = None,
             signal.signal(s, handler)
         device.close()
     return 0
+
+
+def dax_channel(options: FsOptions):
+    """The DAX window's mapper of a back-end process: the back-end request channel (or None)."""
+    if not options.dax:
+        return None
+    from devices.virtio.vhost_user.backend_req import BackendChannel
+    return BackendChannel()
 
 
 # ---------------------------------------------------------------------------------- jailed / --fd
@@ -175,6 +189,7 @@ def _run_jailed(options: FsOptions, mode: str, socket_path: str | None, fd: int 
     from devices.virtio.fs.device import FsDevice, default_trace_path
     from devices.virtio.fs.fdbudget import HEADROOM
     from devices.virtio.vhost_user.server import BackendServer  # noqa: F401 - for _serve_fd
+    from devices.virtio.vhost_user import backend_req  # noqa: F401 - DAX channel
     # imported lazily by FsDevice / the worker: load them while they are reachable
     import ctypes  # noqa: F401
     import devices.virtio.fs.passthrough  # noqa: F401
@@ -214,13 +229,14 @@ def _run_jailed(options: FsOptions, mode: str, socket_path: str | None, fd: int 
         changes["source"] = "/"
     if trace_fd is not None:
         changes["trace_path"] = f"{jail.proc_root}self/fd/{trace_fd}"
+    channel = dax_channel(options)
     try:
-        device = FsDevice(dataclasses.replace(options, **changes))
+        device = FsDevice(dataclasses.replace(options, **changes), dax_mapper=channel)
     except Exception as exc:  # noqa: BLE001 - reported to the VMM; nothing can be imported now
         logger.exception("sandboxed back-end: the device cannot start")
         _report(stats_fd, exc)
         return EXIT_FAILURE
-    code = _serve_fd(device, sock.detach(), stats_fd, metrics_fd, progress)
+    code = _serve_fd(device, sock.detach(), stats_fd, metrics_fd, progress, channel)
     if trace_fd is not None:
         os.close(trace_fd)
     return code
@@ -254,11 +270,11 @@ def _report(stats_fd: int | None, exc: BaseException) -> None:
 
 
 def _serve_fd(device: Any, fd: int, stats_fd: int | None, metrics: Path | int | None,
-              progress) -> int:
+              progress, channel: Any = None) -> int:
     """Serve the one front-end on the connected socket `fd` until it goes away (or SIGTERM)."""
     from devices.virtio.vhost_user.server import BackendServer
 
-    server = BackendServer(device, None)
+    server = BackendServer(device, None, backend_channel=channel)
     previous = {s: signal.signal(s, lambda *_a: server.request_stop())
                 for s in (signal.SIGTERM, signal.SIGINT)}
     try:

@@ -336,8 +336,9 @@ class Machine:
     def _add_dax_windows(self, stack: contextlib.ExitStack, vm: Vm, memory: GuestMemory,
                          mmio: Bus) -> None:
         """Each DAX window above RAM (vmm.layout), as its own KVM memory slot after RAM's."""
-        placed = [(d, d.dax_window) for d in self.fs_devices
-                  if isinstance(d, FsDevice) and d.dax_window is not None]
+        # FsDevice (in-process) or a sandboxed device's front-end: each keeps its window here
+        placed = [(d, w) for d in self.fs_devices
+                  if (w := getattr(d, "dax_window", None)) is not None]
         if not placed:
             return
         ram_end = max(r.end for r in memory.regions)

@@ -17,6 +17,11 @@ frames: ``{"cmd": "stats"}`` -> the counters of the in-process device plus the b
 (``vhost_user``, ``host_cpu``), ``{"cmd": "reset"}``. So `--metrics`, `ctl stats` and the test
 plugin see the same ``fs:TAG`` numbers as with `sandbox: none`.
 
+With ``dax: true`` this process keeps the DAX window (memory slot, SHM registers, truncation
+repair) and the child maps files into it over the vhost-user back-end request channel
+(FS_MAP/FS_UNMAP, devices/virtio/vhost_user/backend_req.py); the window's size is the share's
+``dax_window_mib``, which the child learns from the same ``--options-json``.
+
 A child that dies is noticed by the front-end's monitor (the socket hangs up): the device is
 marked DEVICE_NEEDS_RESET and the run ends with one line giving the child's exit status.
 """
@@ -214,11 +219,14 @@ class SandboxedFsDevice(VhostUserFsFrontend):
         self.child = BackendChild(options)
         self._on_lost_outer = on_lost
         assert self.child.vhost_sock is not None
+        window = options.dax_window_mib << 20 if options.dax else 0
         try:
             super().__init__(VhostUserFsOptions(
                 socket=f"<sandboxed child pid {self.child.pid}>", tag=options.tag,
                 num_request_queues=options.num_request_queues), memory,
-                on_lost=self._child_lost, sock=self.child.vhost_sock)
+                on_lost=self._child_lost, sock=self.child.vhost_sock,
+                # a Linux guest maps 2 MiB chunks: never more files than chunks, nor inodes
+                dax_window_size=window, dax_max_files=min(options.max_inodes, window >> 21) or None)
         except VhostUserFrontendError:
             self.child.kill()
             self.child.close()

@@ -30,6 +30,16 @@ for that ``fstat``.
 
 ``PassthroughFs`` calls ``setupmapping``/``removemapping``/``drop_owner``/``reset`` through small
 hooks; the device makes the window, the VMM registers ``host_addr``/``size`` as a memory slot.
+
+*What* is mapped *where* (the intervals, their owners, the per-file references) is this class's
+bookkeeping; *how* a range is mapped is a ``DaxMapper`` strategy. ``LocalMapper`` (the default)
+owns the reserved host mapping and mmaps into it: the in-process device (``sandbox: none``) and
+the VMM's side of a sandboxed device. A jailed back-end child cannot map into the VMM's address
+space, so its window uses the vhost-user back-end request channel instead
+(``devices/virtio/vhost_user/backend_req.py``: VHOST_USER_SLAVE_FS_MAP/FS_UNMAP, the file's fd in
+SCM_RIGHTS), and the VMM applies each request to its own ``LocalMapper`` window after checking it
+again. Both windows run this same bookkeeping, so a handle's RELEASE or the end of the session
+unmaps the same ranges on both sides.
 """
 
 from __future__ import annotations
@@ -42,12 +52,13 @@ import logging
 import os
 import threading
 from dataclasses import dataclass
+from typing import Protocol
 
 from fuse import abi
 from fuse.limits import OFFSET_MAX, RequestError
 from fuse.logthrottle import LogThrottle
 
-__all__ = ["DaxWindow", "MAP_ALIGNMENT_SHIFT", "INODE_FH"]
+__all__ = ["DaxMapper", "DaxWindow", "LocalMapper", "MAP_ALIGNMENT_SHIFT", "INODE_FH"]
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +93,62 @@ def _sys_mmap(addr: int | None, length: int, prot: int, flags: int, fd: int = -1
     return got
 
 
+class DaxMapper(Protocol):
+    """How a window's ranges are really mapped (see the module docstring).
+
+    ``map`` and ``unmap`` raise OSError when the range could not be changed (nothing changed
+    then); the window checked every offset and length before calling them.
+    """
+
+    #: The window keeps a duplicate fd per mapped file: needed to find pages past a truncated
+    #: file's end (``repair_truncated``), which only the side owning the host mapping does.
+    keeps_files: bool
+    #: Host address of the window (0 when this process does not own the mapping).
+    host_addr: int
+
+    def map(self, moffset: int, length: int, fd: int, foffset: int, writable: bool) -> None: ...
+
+    def unmap(self, moffset: int, length: int) -> None: ...
+
+    def zero_fill(self, moffset: int, length: int, writable: bool) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class LocalMapper:
+    """The window as reserved address space of this process, files mmap'ed into it."""
+
+    keeps_files = True
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.host_addr = _sys_mmap(None, size, _PROT_NONE, self._reserve_flags())
+        self._closed = False
+
+    @staticmethod
+    def _reserve_flags() -> int:
+        return _MAP_PRIVATE | _MAP_ANONYMOUS | _MAP_NORESERVE
+
+    def map(self, moffset: int, length: int, fd: int, foffset: int, writable: bool) -> None:
+        # MAP_FIXED failing (EACCES, ENODEV...) fails before it replaces anything.
+        prot = _PROT_READ | (_PROT_WRITE if writable else 0)
+        _sys_mmap(self.host_addr + moffset, length, prot, _MAP_SHARED | _MAP_FIXED, fd, foffset)
+
+    def unmap(self, moffset: int, length: int) -> None:
+        _sys_mmap(self.host_addr + moffset, length, _PROT_NONE, self._reserve_flags() | _MAP_FIXED)
+
+    def zero_fill(self, moffset: int, length: int, writable: bool) -> None:
+        prot = _PROT_READ | (_PROT_WRITE if writable else 0)
+        _sys_mmap(self.host_addr + moffset, length, prot, _MAP_PRIVATE | _MAP_ANONYMOUS | _MAP_FIXED)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if _munmap(self.host_addr, self.size) != 0:
+            logger.warning("DAX window: munmap failed: %s", os.strerror(ctypes.get_errno()))
+
+
 @dataclass
 class _Mapping:
     """[start, end) of the window shows the file ``key`` from ``foffset`` on."""
@@ -95,16 +162,24 @@ class _Mapping:
 
 
 class DaxWindow:
-    """``size`` bytes of reserved host address space and the file ranges mapped into it."""
+    """``size`` bytes of window and the file ranges mapped into it.
 
-    def __init__(self, size: int, alignment: int = PAGE_SIZE) -> None:
+    ``mapper``: how ranges are mapped (default: a ``LocalMapper`` of this process's own reserved
+    address space). ``max_files``: at most this many distinct files mapped at once (ENFILE
+    beyond; the VMM's side of a sandboxed device bounds the fds a child can make it hold).
+    """
+
+    def __init__(self, size: int, alignment: int = PAGE_SIZE, *,
+                 mapper: DaxMapper | None = None, max_files: int | None = None) -> None:
         if alignment < PAGE_SIZE or alignment & (alignment - 1):
             raise ValueError(f"alignment {alignment} is not a power of two >= {PAGE_SIZE}")
         if size <= 0 or size % alignment:
             raise ValueError(f"DAX window size {size} is not a positive multiple of {alignment}")
         self.size = size
         self.alignment = alignment
-        self.host_addr = _sys_mmap(None, size, _PROT_NONE, self._reserve_flags())
+        self.mapper: DaxMapper = mapper if mapper is not None else LocalMapper(size)
+        self.host_addr = self.mapper.host_addr
+        self.max_files = max_files
         self._lock = threading.Lock()
         self._maps: list[_Mapping] = []          # disjoint, sorted by start
         self._starts: list[int] = []             # the starts of _maps, for bisect
@@ -115,10 +190,6 @@ class DaxWindow:
         self.removes = 0
         self.repairs = 0
         self._closed = False
-
-    @staticmethod
-    def _reserve_flags() -> int:
-        return _MAP_PRIVATE | _MAP_ANONYMOUS | _MAP_NORESERVE
 
     # ---- checks ---------------------------------------------------------------------------
     def check_range(self, moffset: int, length: int, what: str) -> None:
@@ -140,15 +211,13 @@ class DaxWindow:
             raise RequestError(errno.EINVAL, f"SETUPMAPPING file offset {foffset}")
         st = os.fstat(fd)
         key = (st.st_dev, st.st_ino)
-        prot = _PROT_READ | (_PROT_WRITE if writable else 0)
         with self._lock:
             self._check_open()
             self._hold_file(key, fd)
             try:
-                _sys_mmap(self.host_addr + moffset, length, prot, _MAP_SHARED | _MAP_FIXED, fd,
-                          foffset)
+                self.mapper.map(moffset, length, fd, foffset, writable)
             except OSError as e:
-                # MAP_FIXED failed before replacing anything (EACCES, ENODEV...): nothing changed.
+                # The mapper changed nothing (MAP_FIXED fails before replacing anything).
                 self._release_file(key)
                 raise OSError(e.errno, f"SETUPMAPPING: {e.strerror}") from None
             self._cut(moffset, moffset + length)
@@ -171,7 +240,10 @@ class DaxWindow:
                 return 0
             doomed = [m for m in self._maps if m.owner == owner]
             for m in doomed:
-                self._reserve(m.start, m.end - m.start)
+                try:
+                    self._reserve(m.start, m.end - m.start)
+                except OSError as e:    # a back-end channel that broke: the VMM resets anyway
+                    self._log.warn("DAX window: unmapping a released handle's range: %s", e)
                 self._cut(m.start, m.end)
             return len(doomed)
 
@@ -181,11 +253,15 @@ class DaxWindow:
             if self._closed:
                 return
             if self._maps:
-                self._reserve(0, self.size)
+                try:
+                    self._reserve(0, self.size)
+                except OSError as e:    # a back-end channel that broke: the VMM resets anyway
+                    self._log.warn("DAX window: unmapping everything at the session's end: %s", e)
             self._maps.clear()
             self._starts.clear()
             for fd, _count in self._files.values():
-                os.close(fd)
+                if fd >= 0:
+                    os.close(fd)
             self._files.clear()
 
     def repair_truncated(self) -> int:
@@ -196,7 +272,7 @@ class DaxWindow:
         """
         repaired = 0
         with self._lock:
-            if self._closed:
+            if self._closed or not self.mapper.keeps_files:
                 return 0
             for m in self._maps:
                 fd = self._files[m.key][0]
@@ -209,9 +285,7 @@ class DaxWindow:
                 start = m.start + first_bad
                 if start >= m.end or start in self._repaired:
                     continue
-                prot = _PROT_READ | (_PROT_WRITE if m.writable else 0)
-                _sys_mmap(self.host_addr + start, m.end - start, prot,
-                          _MAP_PRIVATE | _MAP_ANONYMOUS | _MAP_FIXED)
+                self.mapper.zero_fill(start, m.end - start, m.writable)
                 self._repaired.add(start)
                 repaired += 1
             self.repairs += repaired
@@ -244,8 +318,7 @@ class DaxWindow:
             if self._closed:
                 return
             self._closed = True
-            if _munmap(self.host_addr, self.size) != 0:
-                logger.warning("DAX window: munmap failed: %s", os.strerror(ctypes.get_errno()))
+            self.mapper.close()
 
     # ---- internals (with _lock held) ------------------------------------------------------
     def _check_open(self) -> None:
@@ -253,13 +326,16 @@ class DaxWindow:
             raise RequestError(errno.ENODEV, "DAX window closed")
 
     def _reserve(self, moffset: int, length: int) -> None:
-        _sys_mmap(self.host_addr + moffset, length, _PROT_NONE, self._reserve_flags() | _MAP_FIXED)
+        self.mapper.unmap(moffset, length)
         self._repaired = {r for r in self._repaired if not moffset <= r < moffset + length}
 
     def _hold_file(self, key: tuple[int, int], fd: int) -> None:
         entry = self._files.get(key)
         if entry is None:
-            self._files[key] = [os.dup(fd), 1]
+            if self.max_files is not None and len(self._files) >= self.max_files:
+                raise RequestError(errno.ENFILE, f"SETUPMAPPING: {self.max_files} files are "
+                                                 "mapped already")
+            self._files[key] = [os.dup(fd) if self.mapper.keeps_files else -1, 1]
         else:
             entry[1] += 1
 
@@ -267,7 +343,8 @@ class DaxWindow:
         entry = self._files[key]
         entry[1] -= 1
         if entry[1] == 0:
-            os.close(entry[0])
+            if entry[0] >= 0:
+                os.close(entry[0])
             del self._files[key]
 
     def _insert(self, m: _Mapping) -> None:

@@ -26,7 +26,7 @@ from collections.abc import Callable
 
 from devices.memory import GuestMemoryAccess
 from devices.virtio.device import BASE_FEATURES, VIRTIO_ID_FS, VirtioDevice
-from devices.virtio.fs.dax import DaxWindow
+from devices.virtio.fs.dax import DaxMapper, DaxWindow
 from devices.virtio.fs.options import DEFAULT_MAX_WRITE, FS_MAX_TAG_LEN, FsOptions
 from devices.virtio.fs.worker import FsWorker, WorkerCounters, os_thread_name
 from devices.virtio.interrupt import VirtioInterrupt
@@ -77,14 +77,17 @@ class FsDevice(VirtioDevice):
     """A virtio-fs device sharing `options.source` under `options.tag`.
 
     `fs_factory(options)` builds the FileSystem (default: PassthroughFs) so tests can inject another.
+    `dax_mapper`: how the DAX window maps (default: into this process; a back-end process passes
+    its back-end request channel, see dax.py).
     """
 
     device_type = VIRTIO_ID_FS
 
     def __init__(self, options: FsOptions, fs_factory: FsFactory | None = None, *,
                  queue_size: int = QUEUE_SIZE, max_write: int | None = None,
-                 stop_timeout: float = STOP_TIMEOUT) -> None:
+                 stop_timeout: float = STOP_TIMEOUT, dax_mapper: DaxMapper | None = None) -> None:
         super().__init__()
+        self._dax_mapper = dax_mapper
         self.options = options
         self.stop_timeout = stop_timeout
         self.max_write = options.max_write if max_write is None else max_write
@@ -122,7 +125,7 @@ class FsDevice(VirtioDevice):
         if not hasattr(self.fs, "dax"):
             raise ValueError(f"virtio-fs {self.options.tag}: dax needs a filesystem with a DAX "
                              f"window hook ({type(self.fs).__name__} has none)")
-        self.dax_window = DaxWindow(self.options.dax_window_mib << 20)
+        self.dax_window = DaxWindow(self.options.dax_window_mib << 20, mapper=self._dax_mapper)
         self.fs.dax = self.dax_window
 
     def place_dax_window(self, gpa: int) -> None:

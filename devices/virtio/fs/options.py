@@ -212,9 +212,8 @@ class FsOptions:
 
         if self.sandbox not in SANDBOX_MODES:
             raise ValueError(f"sandbox must be one of {'|'.join(SANDBOX_MODES)}, got {self.sandbox!r}")
-        if self.dax and self.sandbox != "none":
-            raise ValueError("dax: true needs sandbox: none (the DAX window is mapped by the device "
-                             "inside the VMM process; a jailed back-end cannot map files into it)")
+        # dax works with every sandbox mode: a jailed back-end maps into the VMM's window over the
+        # vhost-user back-end request channel (devices/virtio/vhost_user/backend_req.py).
         # DAX window
         if not isinstance(self.dax, bool):
             raise ValueError(f"dax must be a bool, got {self.dax!r}")

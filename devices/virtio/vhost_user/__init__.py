@@ -19,6 +19,9 @@ Layers, h11 style (each testable without the next):
 - `backend`: the message state machine; it builds ordinary `Queue`s and calls the unchanged
   `VirtioDevice.activate(memory, interrupt, queues, queue_events)`, so the split-ring code, the
   FUSE server and the passthrough file system are the same as behind virtio-mmio.
+- `backend_req`: the back-end request channel (SET_SLAVE_REQ_FD) for virtio-fs DAX: the
+  back-end's FS_MAP/FS_UNMAP end as a DAX window mapper, and the front-end's end that applies
+  them to its window after checking them.
 - `server`: the listening socket and the process's main loop (one front-end at a time, surviving
   each one's departure).
 

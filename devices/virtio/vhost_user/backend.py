@@ -80,7 +80,7 @@ OFFERED_PROTOCOL_FEATURES = ((1 << ProtocolFeature.MQ) | (1 << ProtocolFeature.R
 
 #: Requests that carry file descriptors (others must come without any).
 _FD_REQUESTS = frozenset({Request.SET_MEM_TABLE, Request.SET_VRING_KICK, Request.SET_VRING_CALL,
-                          Request.SET_VRING_ERR})
+                          Request.SET_VRING_ERR, Request.SET_SLAVE_REQ_FD})
 _MAX_U16 = 0xFFFF
 
 
@@ -170,9 +170,15 @@ class VhostUserBackend:
     `handle(msg)` returns the reply bytes to send (or None) and raises `CloseConnection`;
     `watched_kicks()`/`kicked()` implement start-on-kick; `close()` ends the session and leaves
     the device reset, ready for the next front-end.
+
+    `backend_channel` (a `backend_req.BackendChannel`, the DAX window's mapper of a virtio-fs
+    device with `dax: true`): SLAVE_REQ is offered and SET_SLAVE_REQ_FD connects it for the
+    session. It needs REPLY_ACK too: a mapping the front-end did not confirm must not be
+    reported to the guest as made.
     """
 
-    def __init__(self, device: VirtioDevice, counters: BackendCounters | None = None) -> None:
+    def __init__(self, device: VirtioDevice, counters: BackendCounters | None = None,
+                 backend_channel=None) -> None:
         self.device = device
         self.counters = counters if counters is not None else BackendCounters()
         self.num_queues = len(device.queue_max_sizes)
@@ -181,6 +187,9 @@ class VhostUserBackend:
         self.device_features = device.device_features()
         self.offered_features = self.device_features | (1 << VHOST_USER_F_PROTOCOL_FEATURES)
         self.offered_protocol_features = OFFERED_PROTOCOL_FEATURES
+        self.backend_channel = backend_channel
+        if backend_channel is not None:
+            self.offered_protocol_features |= 1 << ProtocolFeature.SLAVE_REQ
         self.acked_features = 0
         self.acked_protocol_features = 0
         self.owner = False
@@ -209,6 +218,7 @@ class VhostUserBackend:
             Request.SET_VRING_ENABLE: self._set_vring_enable,
             Request.GET_CONFIG: self._get_config,
             Request.SET_CONFIG: self._set_config,
+            Request.SET_SLAVE_REQ_FD: self._set_slave_req_fd,
         }
 
     # -- dispatch ---------------------------------------------------------------------------------
@@ -304,6 +314,22 @@ class VhostUserBackend:
         self._stop("RESET_OWNER", keep_started=False)
         for r in self.vrings:
             r.enabled = False
+
+    def _set_slave_req_fd(self, msg: Message) -> None:
+        acked = self.acked_protocol_features
+        if self.backend_channel is None or not acked >> ProtocolFeature.SLAVE_REQ & 1:
+            raise RequestError("SLAVE_REQ was not negotiated")
+        if not acked >> ProtocolFeature.REPLY_ACK & 1:
+            raise RequestError("the back-end request channel needs REPLY_ACK (FS_MAP acks)")
+        if len(msg.fds) != 1:
+            raise RequestError(f"{len(msg.fds)} file descriptors (needs 1)")
+        fd = msg.take_fd(0)
+        try:
+            self.backend_channel.connect(fd)
+        except (ValueError, OSError) as e:
+            os.close(fd)
+            raise RequestError(str(e)) from None
+        logger.info("vhost-user: back-end request channel connected (DAX FS_MAP/FS_UNMAP)")
 
     def _get_queue_num(self, msg: Message) -> bytes:
         return encode_u64(self.num_queues)
@@ -522,6 +548,8 @@ class VhostUserBackend:
         try:
             self._stop("connection closed", keep_started=False)
         finally:
+            if self.backend_channel is not None:   # after the device's last FS_UNMAP
+                self.backend_channel.disconnect()
             for r in self.vrings:
                 r.close_kick()
             self.interrupt.close()

@@ -20,6 +20,14 @@ QEMU's `vhost-user-fs-device` does with virtiofsd:
   through this process**;
 - reset (the driver writes Status 0, or the VM ends): GET_VRING_BASE per started ring.
 
+With a DAX window (`dax_window_size`, only for the VMM's own sandboxed fs child, vmm/sandbox.py)
+the front-end keeps the real `DaxWindow` -- reserved address space registered as a KVM memory
+slot, reported as shared memory region 0 -- and also negotiates SLAVE_REQ (with REPLY_ACK),
+hands the back-end one end of a socketpair with SET_SLAVE_REQ_FD and serves the back-end's
+FS_MAP/FS_UNMAP requests on it (`backend_req.FsMapServer`). A `type: vhost-user-fs` device (a
+back-end we did not start) gets no window: the VMM would have to guess its size, and the
+back-ends one points us at (C virtiofsd, upstream Rust virtiofsd) have no DAX.
+
 Because the call fd is the irqfd itself, the transport never sees a used-ring interrupt; the
 transport reports the VRING bit in InterruptStatus whenever such a device is active
 (`VirtioDevice.signals_rings_directly`, see mmio.py for why and what it costs).
@@ -45,11 +53,13 @@ from dataclasses import dataclass
 
 from devices.memory import GuestMemory, GuestMemoryError
 from devices.virtio.device import BASE_FEATURES, VIRTIO_F_VERSION_1, VIRTIO_ID_FS, VirtioDevice
+from devices.virtio.fs.dax import DaxWindow
 from devices.virtio.fs.device import QUEUE_SIZE, config_space
 from devices.virtio.fs.options import FS_MAX_TAG_LEN, check_tag
 from devices.virtio.interrupt import Interrupt, VirtioInterrupt
 from devices.virtio.queue import Queue
 
+from .backend_req import FsMapServer
 from .connection import Connection, ConnectionClosed
 from .protocol import (
     REPLY_REQUESTS,
@@ -75,6 +85,8 @@ logger = logging.getLogger(__name__)
 #: Protocol features this front-end uses when the back-end offers them.
 WANTED_PROTOCOL_FEATURES = ((1 << ProtocolFeature.MQ) | (1 << ProtocolFeature.REPLY_ACK)
                             | (1 << ProtocolFeature.CONFIG))
+#: What a DAX window needs besides: the back-end request channel, and acks on it.
+DAX_PROTOCOL_FEATURES = (1 << ProtocolFeature.SLAVE_REQ) | (1 << ProtocolFeature.REPLY_ACK)
 #: How long one reply may take (the back-end answers from its control thread; QEMU waits forever,
 #: we would rather end the VM with a message than hang a vCPU thread).
 REPLY_TIMEOUT = 10.0
@@ -115,6 +127,8 @@ class VhostUserFsFrontend(VirtioDevice):
     VM runs. Construction connects and negotiates; it raises `VhostUserFrontendError`.
     `sock`: an already-connected socket to use instead of connecting to `options.socket` (the
     VMM's own sandboxed fs child on a socketpair; `options.socket` then only names it).
+    `dax_window_size` (bytes, 0: none): keep a DAX window the back-end maps into over the
+    back-end request channel; `dax_max_files` bounds the files it may map at once.
     """
 
     device_type = VIRTIO_ID_FS
@@ -122,7 +136,8 @@ class VhostUserFsFrontend(VirtioDevice):
 
     def __init__(self, options: VhostUserFsOptions, memory: GuestMemory, *,
                  on_lost: Callable[[str], None] | None = None, timeout: float = REPLY_TIMEOUT,
-                 queue_size: int = QUEUE_SIZE, sock: socket.socket | None = None) -> None:
+                 queue_size: int = QUEUE_SIZE, sock: socket.socket | None = None,
+                 dax_window_size: int = 0, dax_max_files: int | None = None) -> None:
         super().__init__()
         self.options = options
         self.path = options.socket
@@ -141,14 +156,23 @@ class VhostUserFsFrontend(VirtioDevice):
         self._interrupt: VirtioInterrupt | None = None  # the transport's, from the first activate
         self._err_fds: list[int] = []
         self.counters = {"messages": 0, "activations": 0, "resets": 0, "ring_errors": 0}
+        self.dax_window: DaxWindow | None = None
+        self._dax_server: FsMapServer | None = None
         if not memory.shareable:
             raise VhostUserFrontendError(self.path, "guest RAM is not shareable (the VMM must map it "
                                          "from a memfd for a vhost-user device)")
-        if sock is None:
-            self.conn = self._connect(timeout)
-        else:
-            sock.settimeout(timeout)
-            self.conn = Connection(sock, timeout=timeout)
+        if dax_window_size:
+            self.dax_window = DaxWindow(dax_window_size, max_files=dax_max_files)
+        try:
+            if sock is None:
+                self.conn = self._connect(timeout)
+            else:
+                sock.settimeout(timeout)
+                self.conn = Connection(sock, timeout=timeout)
+        except BaseException:
+            if self.dax_window is not None:
+                self.dax_window.close()
+            raise
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         try:
             self._negotiate()
@@ -229,8 +253,15 @@ class VhostUserFsFrontend(VirtioDevice):
         if self.backend_features >> VHOST_USER_F_PROTOCOL_FEATURES & 1:
             offered = self._u64(Request.GET_PROTOCOL_FEATURES)
             wanted = offered & WANTED_PROTOCOL_FEATURES
+            if self.dax_window is not None:
+                wanted |= offered & DAX_PROTOCOL_FEATURES
             self._exchange(Request.SET_PROTOCOL_FEATURES, encode_u64(wanted), ack=False)
             self.protocol_features = wanted
+        if self.dax_window is not None:
+            if self.protocol_features & DAX_PROTOCOL_FEATURES != DAX_PROTOCOL_FEATURES:
+                raise self._error("the back-end does not offer SLAVE_REQ with REPLY_ACK, so it "
+                                  "cannot map files into the DAX window")
+            self._open_dax_channel()
         if self.protocol_features >> ProtocolFeature.MQ & 1:
             served = self._u64(Request.GET_QUEUE_NUM)
             if served < self.num_queues:
@@ -241,6 +272,25 @@ class VhostUserFsFrontend(VirtioDevice):
         self._send_mem_table()
         logger.info("vhost-user-fs %s: back-end features %#x, protocol features %#x",
                     self.options.tag, self.backend_features, self.protocol_features)
+
+    def _open_dax_channel(self) -> None:
+        """SET_SLAVE_REQ_FD: one end of a socketpair to the back-end, the other served here."""
+        assert self.dax_window is not None
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self._exchange(Request.SET_SLAVE_REQ_FD, b"", [theirs.fileno()])
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self._dax_server = FsMapServer(self.dax_window, ours, self.options.tag)
+        self._dax_server.start()
+
+    def place_dax_window(self, gpa: int) -> None:
+        """The VMM put the window at guest-physical ``gpa``: report it as shared memory region 0."""
+        assert self.dax_window is not None
+        self.shm_regions = {0: (gpa, self.dax_window.size)}
 
     def _check_tag(self) -> None:
         reply = self._exchange(Request.GET_CONFIG, ConfigSpace(0, _CONFIG_SIZE, 0, bytes(_CONFIG_SIZE)).encode())
@@ -330,6 +380,10 @@ class VhostUserFsFrontend(VirtioDevice):
         """Stop the back-end's rings (the driver reset the device, or the VM ends). Never raises."""
         was_active, self.active = self.active, False
         self._stop_rings()
+        if self.dax_window is not None:
+            # The back-end unmapped its ranges as its session ended (FS_UNMAP); whatever a
+            # back-end that could not left behind goes too: mappings die with the device.
+            self.dax_window.reset()
         if was_active:
             self.counters["resets"] += 1
         for fd in self._err_fds:  # errors of the old rings are of no interest any more
@@ -353,6 +407,11 @@ class VhostUserFsFrontend(VirtioDevice):
         self._release()
 
     def _release(self) -> None:
+        if self._dax_server is not None:
+            self._dax_server.close()
+            self._dax_server = None
+        if self.dax_window is not None:   # the VMM removed its memory slot before closing us
+            self.dax_window.close()
         self.conn.close()
         for fd in self._err_fds:
             os.close(fd)
@@ -412,7 +471,13 @@ class VhostUserFsFrontend(VirtioDevice):
             self.counters[key] = 0
 
     def metrics(self) -> dict:
-        return {"vhost_user_frontend": {
+        m: dict = {"vhost_user_frontend": {
             "socket": self.path, "active": self.active, "lost": self.lost,
             "backend_features": self.backend_features, "acked_features": self.acked_features,
             "protocol_features": self.protocol_features, **self.counters}}
+        if self.dax_window is not None:
+            # The window the guest really sees (setups, truncation repairs) is this one.
+            m["dax"] = self.dax_window.metrics()
+            if self._dax_server is not None:
+                m["dax"]["channel"] = self._dax_server.metrics()
+        return m

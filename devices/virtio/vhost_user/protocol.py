@@ -89,6 +89,30 @@ class Request(enum.IntEnum):
     GET_STATUS = 40
 
 
+class BackendRequest(enum.IntEnum):
+    """Back-end message types: sent by the back-end on the channel of SET_SLAVE_REQ_FD
+    ("back-end request channel"; VHOST_USER_SLAVE_* in older texts). Only the virtio-fs DAX
+    pair is used here (the numbers of QEMU's DAX series, rust-vmm's `vhost` crate, crosvm)."""
+
+    NONE = 0
+    IOTLB_MSG = 1
+    CONFIG_CHANGE_MSG = 2
+    VRING_HOST_NOTIFIER_MSG = 3
+    VRING_CALL = 4
+    VRING_ERR = 5
+    FS_MAP = 6
+    FS_UNMAP = 7
+    FS_SYNC = 8
+    FS_IO = 9
+
+
+def backend_request_name(value: int) -> str:
+    try:
+        return "SLAVE_" + BackendRequest(value).name
+    except ValueError:
+        return f"back-end request {value}"
+
+
 def request_name(value: int) -> str:
     try:
         return Request(value).name
@@ -158,6 +182,7 @@ PAYLOAD_SIZES: dict[Request, int | None] = {
     Request.SET_VRING_ENABLE: VRING_STATE.size,
     Request.GET_CONFIG: None,
     Request.SET_CONFIG: None,
+    Request.SET_SLAVE_REQ_FD: 0,
 }
 
 #: Requests whose spec-defined reply carries a body; every other request is answered only when
@@ -403,3 +428,54 @@ class ConfigSpace:
 
     def encode(self) -> bytes:
         return CONFIG_HEADER.pack(self.offset, self.size, self.flags) + self.data
+
+
+# -- the back-end request channel: virtio-fs DAX ---------------------------------------------------
+#: Entries in one VhostUserFSSlaveMsg (VHOST_USER_FS_SLAVE_ENTRIES).
+FS_BACKEND_ENTRIES = 8
+#: VhostUserFSSlaveMsg: fd_offset[8], c_offset[8], len[8], flags[8], all u64 (256 bytes).
+FS_BACKEND_MSG = struct.Struct("=" + "Q" * (4 * FS_BACKEND_ENTRIES))
+#: flags of an entry: map readable / writable (VHOST_USER_FS_FLAG_MAP_R/W).
+FS_FLAG_MAP_R = 1 << 0
+FS_FLAG_MAP_W = 1 << 1
+FS_FLAGS_ALL = FS_FLAG_MAP_R | FS_FLAG_MAP_W
+#: An FS_UNMAP entry of this length removes every mapping of the window (its c_offset must be 0).
+FS_UNMAP_ALL = (1 << 64) - 1
+
+
+@dataclass(frozen=True)
+class FsMapEntry:
+    """One range of a VhostUserFSSlaveMsg: ``length`` bytes of the file from ``fd_offset`` at
+    ``cache_offset`` of the DAX window (the virtio-fs "cache" shared memory region)."""
+
+    fd_offset: int
+    cache_offset: int
+    length: int
+    flags: int
+
+
+def encode_fs_backend_msg(entries: list[FsMapEntry]) -> bytes:
+    """A VhostUserFSSlaveMsg with ``entries`` first and the rest zero (unused: length 0)."""
+    if len(entries) > FS_BACKEND_ENTRIES:
+        raise ValueError(f"{len(entries)} entries (at most {FS_BACKEND_ENTRIES})")
+    pad = [FsMapEntry(0, 0, 0, 0)] * (FS_BACKEND_ENTRIES - len(entries))
+    full = list(entries) + pad
+    return FS_BACKEND_MSG.pack(*(e.fd_offset for e in full), *(e.cache_offset for e in full),
+                               *(e.length for e in full), *(e.flags for e in full))
+
+
+def decode_fs_backend_msg(payload: bytes, what: str = "FS_MAP") -> list[FsMapEntry]:
+    """The used entries (length != 0, as QEMU and rust-vmm skip the others) of a
+    VhostUserFSSlaveMsg. Size and flag bits are checked here; offsets against the window by its
+    owner (DaxWindow.check_range), which alone knows its size."""
+    check_size(what, payload, FS_BACKEND_MSG.size)
+    v = FS_BACKEND_MSG.unpack(payload)
+    n = FS_BACKEND_ENTRIES
+    out = []
+    for i in range(n):
+        entry = FsMapEntry(v[i], v[n + i], v[2 * n + i], v[3 * n + i])
+        if entry.flags & ~FS_FLAGS_ALL:
+            raise ProtocolError(f"{what}: entry {i}: unknown flags {entry.flags:#x}")
+        if entry.length:
+            out.append(entry)
+    return out

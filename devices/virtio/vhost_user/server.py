@@ -62,8 +62,9 @@ class BackendServer:
     """
 
     def __init__(self, device: VirtioDevice, path: str | None, *, once: bool = False,
-                 timeout: float = 10.0) -> None:
+                 timeout: float = 10.0, backend_channel=None) -> None:
         self.device = device
+        self.backend_channel = backend_channel   # DAX: see VhostUserBackend
         self.path = path
         self.once = once
         self.timeout = timeout
@@ -161,7 +162,7 @@ class BackendServer:
 
     def _session(self, sock: socket.socket) -> None:
         conn = Connection(sock, wake_fd=self._wake_r, timeout=self.timeout)
-        backend = VhostUserBackend(self.device, self.counters)
+        backend = VhostUserBackend(self.device, self.counters, self.backend_channel)
         self.backend = backend
         started = time.monotonic()
         try:
