@@ -1,9 +1,9 @@
 """DAX end to end: a guest with the `dax` kernel variant mounts a `dax: true` share dax=always.
 
-* A 1 MiB read goes through the window: SETUPMAPPING requests, not one READ, and the guest's
-  CRC-32 matches the host file. 1 MiB, not the issue's 16 MiB: in this emulated guest (kvm_pvm)
-  CRC-32 runs at about 20 KiB/s (64 KiB: 2.7 s through DAX, 3.5 s through READ, measured), so
-  16 MiB would take ~15 minutes of one test; the mechanism is the same for every 2 MiB chunk.
+* A 16 MiB read (the issue's size) goes through the window: SETUPMAPPING requests, not one
+  READ, and the guest's block-weighted sum64 matches the host file (sum64, not CRC-32: the
+  checksum runs in this emulated guest and CRC-32 costs several times more; 16 MiB through DAX
+  took 10-16 s here, through READ 23-63 s, `bench/dax_read.py --size-mib 16`).
 * An in-place write (the agent's ``overwrite``: no O_TRUNC, so it does not extend the file) goes
   through the mapping too: the host file changes with no WRITE request.
 * A file truncated on the host under a live mapping: the guest's next read touches pages past
@@ -32,6 +32,7 @@ from vmm.testing import GuestRunner, Share
 
 WINDOW_MIB = 64
 BIG = 1 << 20
+HUGE = 16 << 20        # the issue's file size
 CHUNK = 2 << 20          # Linux maps DAX in FUSE_DAX_SZ chunks
 
 
@@ -53,15 +54,15 @@ def dax_share(root: Path, files: dict[str, bytes], sandbox: str = "none", **opti
 
 
 def test_read_goes_through_the_window(dax_guest: GuestRunner, tmp_path: Path) -> None:
-    data = os.urandom(BIG)
+    data = os.urandom(HUGE)
     share = dax_share(tmp_path / "s", {"big": data})
-    r = dax_guest.run("read /mnt/share/big crc32", shares=[share]).check()
+    r = dax_guest.run("read /mnt/share/big sum64", shares=[share]).check()
     (step,) = r.steps_of("read")
-    assert step.get_int("size") == BIG
-    assert step.get_int("crc32") == zlib.crc32(data)
+    assert step.get_int("size") == HUGE
+    assert step.get_int("sum64") == sum64(data)
     dev = r.device("share")
     assert dev.count("READ") == 0, dev.ops
-    assert dev.count("SETUPMAPPING") >= -(-BIG // CHUNK), dev.ops
+    assert dev.count("SETUPMAPPING") >= HUGE // CHUNK, dev.ops
     assert dev.raw["dax"]["setups"] == dev.count("SETUPMAPPING")
 
 
