@@ -127,6 +127,11 @@ def test_mapped_share_through_the_jailed_child(share, where):
             assert proc_lines(pid, "uid_map") == proc_lines(pid, "gid_map") == want
             assert status_ids(pid, "Uid") == status_ids(pid, "Gid") == [str(HOST)] * 4
             assert status_ids(pid, "Groups") == []
+            # RLIMIT_NOFILE was raised before the unshare (CAP_SYS_RESOURCE of the initial
+            # namespace): max_inodes + max_handles + 256, as without a user namespace
+            limit = next(ln for ln in Path(f"/proc/{pid}/limits").read_text().splitlines()
+                         if ln.startswith("Max open files")).split()[3:5]
+            assert limit == [str(16384 + 1024 + 256)] * 2
         else:                                           # host root, translating itself
             assert proc_lines(pid, "uid_map") == [["0", "0", "4294967295"]]
             assert status_ids(pid, "Uid") == ["0"] * 4
@@ -243,3 +248,21 @@ def test_standalone_back_end_with_sandbox_none_translates(share, tmp_path):
         rig.guest.close()
         assert proc.wait(60) == 0
     assert (os.stat(share / "n").st_uid, os.stat(share / "n").st_gid) == (HOST, HOST)
+
+
+def test_share_not_owned_by_the_mapped_user_is_one_warning(tmp_path, capfd):
+    """A share of root's (as tmp_path is): the guest's root, the mapped host user, may only do
+    what "other" may there; the child says so when it starts, and the kernel enforces it."""
+    d = tmp_path / "rootshare"
+    d.mkdir()
+    os.chmod(d, 0o755)
+    rig = ChildRig(FsOptions(source=str(d), tag="r", uidmap=MAP, gidmap=MAP))
+    try:
+        rig.up()
+        rig.init()
+        assert rig.as_caller(0, 0).create(b"f") == errno.EACCES
+    finally:
+        rig.close()
+    lines = [ln for ln in capfd.readouterr().err.splitlines() if "shared directory" in ln]
+    assert len(lines) == 1 and "does not belong to the host uid the namespace's 0 maps to " \
+        f"(it shows as uid {OVERFLOW} inside)" in lines[0]

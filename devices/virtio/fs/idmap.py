@@ -1,10 +1,11 @@
-"""``uidmap`` / ``gidmap``: guest ids <-> host ids, translated by the device (issue 12).
+"""``uidmap`` / ``gidmap``: guest ids <-> host ids (issue 12).
 
 Syntax as crosvm's ``--shared-dir ...:uidmap=0 1000 1``: ranges ``inner outer count`` separated
 by commas, with the meaning of ``/proc/PID/uid_map`` (guest ids ``inner .. inner+count-1`` are
 host ids ``outer .. outer+count-1``).  crosvm gives the map to a user namespace around its
-device; here the device itself translates (:class:`IdMappedFs`, installed by
-``devices.virtio.fs.device.passthrough_factory``), with the user namespace's rules:
+device, and so does the sandbox here where it can (below); otherwise the device itself
+translates (:class:`IdMappedFs`, installed by ``devices.virtio.fs.device.passthrough_factory``),
+with the user namespace's rules:
 
 * **guest -> host** (the caller of a creation, the owner of a CHOWN, the ids in a POSIX ACL the
   guest sets): a mapped id becomes its host id.  An unmapped caller cannot create (EOVERFLOW, what
