@@ -198,3 +198,28 @@ def test_map_the_kernel_refuses_is_a_jail_error(share):
                                         r".*Invalid argument"):
         spawn_jailed(lambda jail: 0, JailSpec(root=str(share),
                                               uid_map=((0, HOST, 10), (5, 3000, 10))))
+
+
+def test_file_capabilities_set_inside_are_namespaced(share):
+    """With CAP_SETFCAP (xattr_policy: passthrough) a v2 security.capability set inside is
+    stored as v3 with the namespace's root as its owner: the inside reads back what it set, the
+    host's root gets nothing from it. Control: without a user namespace the host gets v2."""
+    import struct
+    v2 = struct.pack("<IIIII", 0x02000000 | 1, 1 << 13, 0, 0, 0)   # effective, CAP_NET_RAW
+
+    def setcap(jail) -> str:
+        fd = os.open("/capfile", os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o755)
+        try:
+            os.setxattr(f"{jail.proc_root}self/fd/{fd}", "security.capability", v2)
+            return os.getxattr(f"{jail.proc_root}self/fd/{fd}", "security.capability").hex()
+        finally:
+            os.close(fd)
+
+    for maps, host_view in (({"uid_map": MAP, "gid_map": MAP},
+                             struct.pack("<IIIIII", 0x03000000 | 1, 1 << 13, 0, 0, 0, HOST)),
+                            ({}, v2)):
+        got, _outside, code = run_held(JailSpec(root=str(share), allow_setfcap=True, **maps),
+                                       setcap)
+        assert code == 0 and bytes.fromhex(got) == v2
+        assert os.getxattr(share / "capfile", "security.capability") == host_view
+        os.unlink(share / "capfile")
