@@ -210,8 +210,10 @@ def _run_jailed(options: FsOptions, mode: str, socket_path: str | None, fd: int 
         logger.info("virtio-fs %s: uidmap/gidmap applied by a user namespace around the device",
                     options.tag)
     elif where == "device":
-        (logger.warning if options.idmap == "auto" else logger.info)("virtio-fs %s: uidmap/gidmap translated by the device, not a user "
-                       "namespace: %s", options.tag, why)
+        # a warning when `auto` had to fall back; asked for explicitly, it is only information
+        say = logger.warning if options.idmap == "auto" else logger.info
+        say("virtio-fs %s: uidmap/gidmap translated by the device, not a user namespace: %s",
+            options.tag, why)
     userns = where == "userns"
     try:
         spec = JailSpec(root=options.source, mode=mode, allow_mknod=options.allow_mknod,
