@@ -218,18 +218,31 @@ def test_idmap_key(share, tmp_path):
         load_config(cfg)
 
 
-def test_standalone_back_end_with_sandbox_none_translates(share, tmp_path):
-    """`device fs --sandbox none` on a share whose options say namespace: no jail, so no user
-    namespace; the device must translate (not leave the ids to a kernel that does not)."""
+def _no_user_namespaces() -> None:
+    """In the back-end's process before its exec (a real kernel refusal, as a container's
+    seccomp profile or user.max_user_namespaces=0 gives): unshare with CLONE_NEWUSER is EPERM,
+    everything else runs."""
+    from devices.jail import _sys, namespaces, seccomp
+    from devices.jail.syscall_table import MAX_KNOWN
+    unshare = 272
+    rules: dict = {nr: None for nr in range(MAX_KNOWN + 1)}
+    rules[unshare] = seccomp.ArgMaskEq(0, namespaces.CLONE_NEWUSER, 0)
+    _sys.prctl(_sys.PR_SET_NO_NEW_PRIVS, 1)
+    seccomp.install(seccomp.compile_filter(rules, seccomp.SECCOMP_RET_ERRNO | errno.EPERM))
+
+
+def _backend(share: Path, sandbox: str | None = None, preexec=None, **options):
+    """`python -m vmm device fs --fd N` on `share` (as the VMM starts it, without the stats
+    channel) and a ChildRig speaking to it; returns (process, rig)."""
+    import json
     import subprocess
     import sys
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    import json
-    opts = json.dumps({"source": str(share), "tag": "t", "uidmap": MAP, "gidmap": MAP})
-    root = Path(__file__).resolve().parent.parent
-    proc = subprocess.Popen([sys.executable, "-m", "vmm", "device", "fs", "--fd", str(b.fileno()),
-                             "--options-json", opts, "--sandbox", "none"], cwd=root,
-                            pass_fds=(b.fileno(),))
+    cmd = [sys.executable, "-m", "vmm", "device", "fs", "--fd", str(b.fileno()),
+           "--options-json", json.dumps({"source": str(share), "tag": "t", **options})]
+    proc = subprocess.Popen(cmd + (["--sandbox", sandbox] if sandbox else []),
+                            cwd=Path(__file__).resolve().parent.parent, pass_fds=(b.fileno(),),
+                            preexec_fn=preexec)
     b.close()
     rig = ChildRig.__new__(ChildRig)
     rig.fe = Frontend(a)
@@ -237,6 +250,19 @@ def test_standalone_back_end_with_sandbox_none_translates(share, tmp_path):
     rig.queues = [FakeDriverQueue(rig.guest, QSIZE, 0x10000 + 0x10000 * i, MiB * (i + 1))
                   for i in range(2)]
     rig.unique, rig.uid, rig.gid = 0, 0, 0
+    return proc, rig
+
+
+def _finish(proc, rig) -> None:
+    rig.fe.close()
+    rig.guest.close()
+    assert proc.wait(60) == 0
+
+
+def test_standalone_back_end_with_sandbox_none_translates(share):
+    """`device fs --sandbox none` on a share whose options say namespace: no jail, so no user
+    namespace; the device must translate (not leave the ids to a kernel that does not)."""
+    proc, rig = _backend(share, "none", uidmap=MAP, gidmap=MAP)
     try:
         rig.up()
         rig.init()
@@ -244,10 +270,38 @@ def test_standalone_back_end_with_sandbox_none_translates(share, tmp_path):
         err, e = rig.entry(b"stranger")
         assert (e.attr.uid, e.attr.gid) == (OVERFLOW, OVERFLOW_GID)
     finally:
+        _finish(proc, rig)
+    assert (os.stat(share / "n").st_uid, os.stat(share / "n").st_gid) == (HOST, HOST)
+
+
+@pytest.mark.parametrize("idmap", ["auto", "userns"])
+def test_host_without_user_namespaces(share, idmap, capfd):
+    """Where the kernel refuses a user namespace, `auto` keeps the jail and the maps (translated
+    by the device, one warning line says why) and `userns` refuses to serve, saying why."""
+    proc, rig = _backend(share, preexec=_no_user_namespaces, uidmap=MAP, gidmap=MAP,
+                         idmap=idmap)
+    if idmap == "userns":
+        assert proc.wait(60) == 1
         rig.fe.close()
         rig.guest.close()
-        assert proc.wait(60) == 0
+        err = capfd.readouterr().err
+        assert "UserNamespaceUnavailable: no user namespace here: [Errno 1] unshare" in err, err
+        return
+    try:
+        rig.up()
+        rig.init()
+        assert rig.create(b"n") == 0
+        err, e = rig.entry(b"stranger")
+        assert (e.attr.uid, e.attr.gid) == (OVERFLOW, OVERFLOW_GID)
+        err, secret = rig.entry(b"secret")
+        assert rig.open(secret.nodeid) == 0             # a host-root device, jailed as before
+    finally:
+        _finish(proc, rig)
     assert (os.stat(share / "n").st_uid, os.stat(share / "n").st_gid) == (HOST, HOST)
+    lines = [ln for ln in capfd.readouterr().err.splitlines() if "uidmap/gidmap" in ln]
+    assert len(lines) == 1 and lines[0].endswith(
+        "virtio-fs t: uidmap/gidmap translated by the device, not a user namespace: no user "
+        "namespace here: [Errno 1] unshare(0x7c020000): Operation not permitted")
 
 
 def test_share_not_owned_by_the_mapped_user_is_one_warning(tmp_path, capfd):

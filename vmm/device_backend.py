@@ -177,7 +177,7 @@ def _run_jailed(options: FsOptions, mode: str, socket_path: str | None, fd: int 
     """Take the connection, open what must come from the host tree, jail, then serve."""
     # Everything the jailed code runs is imported now: after pivot_root the interpreter's
     # files are out of reach.
-    from devices.jail import JailSpec, enter
+    from devices.jail import JailSpec, UserNamespaceUnavailable, enter
     from devices.virtio.fs import idmap, inodes
     from devices.virtio.fs.device import FsDevice, default_trace_path
     from devices.virtio.fs.fdbudget import HEADROOM
@@ -223,7 +223,16 @@ def _run_jailed(options: FsOptions, mode: str, socket_path: str | None, fd: int 
                         allow_setfcap=options.xattr_policy == "passthrough",
                         max_open_files=min(1 << 20, options.max_inodes + options.max_handles + HEADROOM),
                         keep_fds=tuple(keep))
-        jail = enter(spec, report_fd=stats_fd)
+        try:
+            jail = enter(spec, report_fd=stats_fd)
+        except UserNamespaceUnavailable as exc:
+            if options.idmap != "auto":
+                raise
+            # `auto` promised the maps, not the namespace: the device translates them instead
+            logger.warning("virtio-fs %s: uidmap/gidmap translated by the device, not a user "
+                           "namespace: %s", options.tag, exc)
+            spec = dataclasses.replace(spec, uid_map=None, gid_map=None)
+            jail = enter(spec, report_fd=stats_fd)
     except Exception as exc:  # noqa: BLE001 - e.g. no privilege for namespaces: say why, once
         _report(stats_fd, exc)
         raise

@@ -38,5 +38,7 @@ from __future__ import annotations
 
 from .process import Jail, JailedChild, enter, spawn_jailed
 from .spec import MODES, JailError, JailSpec
+from .userns import UserNamespaceUnavailable
 
-__all__ = ["Jail", "JailError", "JailSpec", "JailedChild", "MODES", "enter", "spawn_jailed"]
+__all__ = ["Jail", "JailError", "JailSpec", "JailedChild", "MODES", "UserNamespaceUnavailable",
+           "enter", "spawn_jailed"]

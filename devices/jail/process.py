@@ -119,6 +119,10 @@ def _enter_userns(spec: JailSpec) -> None:
     writer = userns.MapWriter(*spec.maps())
     try:
         namespaces.unshare(namespaces.JAIL_NAMESPACES | namespaces.CLONE_NEWUSER)
+    except OSError as exc:
+        writer.abandon()
+        # unshare changes all or nothing: the caller may retry without a user namespace
+        raise userns.UserNamespaceUnavailable(f"no user namespace here: {exc}") from None
     except BaseException:
         writer.abandon()
         raise

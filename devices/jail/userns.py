@@ -38,6 +38,11 @@ IdRanges = tuple[tuple[int, int, int], ...]
 IDENTITY: IdRanges = ((0, 0, 0xFFFFFFFF),)
 
 
+class UserNamespaceUnavailable(JailError):
+    """The kernel would not make a user namespace (no CONFIG_USER_NS, user.max_user_namespaces
+    exhausted or 0, a container's seccomp filter...); nothing has changed in the caller."""
+
+
 def map_text(ranges: IdRanges) -> bytes:
     """The bytes to write to uid_map/gid_map (one ``inner outer count`` line per range)."""
     return b"".join(f"{a} {b} {c}\n".encode() for a, b, c in ranges)
