@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import struct
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,15 @@ HOST = 1000                         # the namespace's 0 (the guest's root) on th
 MAP = f"0 {HOST} 1,1 100001 100"    # guest n (1..100) -> host 100000 + n
 OVERFLOW = int(Path("/proc/sys/fs/overflowuid").read_text())
 OVERFLOW_GID = int(Path("/proc/sys/fs/overflowgid").read_text())
+
+
+def acl(*entries: tuple[int, int, int]) -> bytes:
+    """A system.posix_acl_* value: version 2, then (tag, perm, id) entries."""
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
+
+
+UNDEF = 0xFFFFFFFF
+USER_OBJ, USER, GROUP_OBJ, GROUP, MASK, OTHER = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
 
 
 @pytest.fixture
@@ -75,6 +85,21 @@ class ChildRig(Rig):
         out = abi.OUT_HEADER.unpack(reply[:abi.OUT_HEADER.size])
         assert out.unique == self.unique and out.len == used
         return -out.error, reply[abi.OUT_HEADER.size:]
+
+    def init(self, **kw) -> None:
+        """INIT with FUSE_POSIX_ACL, as a Linux guest asks for it (so ACL names are ACLs)."""
+        err, _ = self.fuse(abi.Opcode.INIT, 0, abi.INIT_IN.pack(
+            major=7, minor=37, max_readahead=1 << 17, flags=abi.FUSE_POSIX_ACL), abi.INIT_OUT.size)
+        assert err == 0
+
+    def setxattr(self, nodeid: int, name: bytes, value: bytes) -> int:
+        head = struct.pack("<II", len(value), 0)          # fuse_setxattr_in before SETXATTR_EXT
+        return self.fuse(abi.Opcode.SETXATTR, nodeid, head + name + b"\0" + value, 0)[0]
+
+    def getxattr(self, nodeid: int, name: bytes) -> tuple[int, bytes]:
+        err, body = self.fuse(abi.Opcode.GETXATTR, nodeid,
+                              abi.GETXATTR_IN.pack(size=4096) + name + b"\0", 4096)
+        return err, body
 
     def as_caller(self, uid: int, gid: int) -> ChildRig:
         self.uid, self.gid = uid, gid
@@ -153,6 +178,18 @@ def test_mapped_share_through_the_jailed_child(share, where):
         assert err == 0 and (e.attr.uid, e.attr.gid) == (0, 0)
         assert rig.chown(e.nodeid, 7, 7) == 0
         assert rig.chown(e.nodeid, 5000, 5000) == errno.EINVAL
+        # POSIX ACL ids both ways (the kernel's posix_acl_xattr translation in the namespace)
+        err, fives = rig.entry(b"fives")
+        guest_acl = acl((USER_OBJ, 6, UNDEF), (USER, 6, 3), (GROUP_OBJ, 4, UNDEF), (GROUP, 4, 0),
+                        (MASK, 6, UNDEF), (OTHER, 0, UNDEF))
+        assert rig.setxattr(fives.nodeid, b"system.posix_acl_access", guest_acl) == 0
+        assert rig.getxattr(fives.nodeid, b"system.posix_acl_access") == (0, guest_acl)
+        host_acl = os.getxattr(share / "fives", "system.posix_acl_access")
+        assert struct.pack("<HHI", USER, 6, 100003) in host_acl
+        assert struct.pack("<HHI", GROUP, 4, HOST) in host_acl
+        bad = acl((USER_OBJ, 6, UNDEF), (USER, 6, 9999), (GROUP_OBJ, 4, UNDEF), (MASK, 6, UNDEF),
+                  (OTHER, 0, UNDEF))
+        assert rig.setxattr(fives.nodeid, b"system.posix_acl_access", bad) == errno.EINVAL
         # the difference: in the user namespace the device cannot open a root-only host file
         err, secret = rig.entry(b"secret")
         assert rig.open(secret.nodeid) == (errno.EACCES if where == "userns" else 0)
