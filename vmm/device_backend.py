@@ -18,7 +18,10 @@ the passthrough needs, no_new_privs, the seccomp allowlist of devices/jail/polic
 back-end opens no new channel (socket, bind, accept are outside the policy), so it serves exactly
 one front-end: the one it accepted on `--socket` before the jail, or the already-connected socket
 it inherited as `--fd N` (how the VMM starts it for a `type: fs` device, see vmm/sandbox.py), and
-`--control` needs `--sandbox none`. `--stats-fd N` (a socket inherited from the VMM) answers the
+`--control` needs `--sandbox none`. With `uidmap`/`gidmap` the jail is also a user namespace with
+those maps (`idmap`, devices/virtio/fs/idmap.py), where the kernel translates the ids and the
+device holds only the mapped host ids; where that cannot be, the device translates and one log
+line says why. `--stats-fd N` (a socket inherited from the VMM) answers the
 VMM's requests for the counters; see vmm/sandbox.py for its small protocol.
 """
 
