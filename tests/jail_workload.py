@@ -39,6 +39,9 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+# FsOptions imports these late (on validation); a jailed workload builds FsOptions after
+# pivot_root, where nothing can be imported any more.
+from devices.virtio.fs import idmap, secctx  # noqa: E402, F401
 from devices.virtio.fs.options import FsOptions  # noqa: E402
 from devices.virtio.fs.passthrough import PassthroughFs  # noqa: E402
 from fuse import abi  # noqa: E402

@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "negative_timeout, writeback, num_request_queues, trace, trace_path, "
                           "allow_setid, allow_mknod, xattr_policy, allow_selinux_xattr, "
                           "max_inodes, max_handles, readdir_buffer, max_write, "
-                          "ascii_casefold, posix_acl, uidmap, gidmap, security_ctx)")
+                          "ascii_casefold, posix_acl, uidmap, gidmap, idmap, security_ctx)")
     run.add_argument("--vhost-user-fs", action="append", default=[],
                      metavar="SOCKET:TAG[:num_request_queues=N]",
                      help="add a virtio-fs device served by a vhost-user back-end on SOCKET "

@@ -25,6 +25,7 @@ from devices.virtio.fs.options import (
     check_seconds,
 )
 from devices.virtio.fs.options import DAX_WINDOW_MIB_RANGE, DEFAULT_DAX_WINDOW_MIB
+from devices.virtio.fs.idmap import IDMAP_MODES
 from devices.virtio.vhost_user.frontend import VhostUserFsOptions
 
 DISCOVERY_MODES = ("cmdline", "acpi", "both")
@@ -276,6 +277,8 @@ def _parse_fs_device(section: _Section, base: Path) -> FsOptions:
             values[key] = section.take(key, str, None)
     if "sandbox" in section.data:
         values["sandbox"] = section.take_choice("sandbox", "namespace", SANDBOX_MODES)
+    if "idmap" in section.data:     # where uidmap/gidmap apply (idmap.py)
+        values["idmap"] = section.take_choice("idmap", "auto", IDMAP_MODES)
     section.take("type", str, "fs")
     section.finish()
     return fs_options(values, section.error, base)
@@ -441,6 +444,7 @@ FS_OPTION_KEYS = ("type", "cache", "timeout", "negative_timeout", "writeback",
                   "xattr_policy", "allow_selinux_xattr", *FS_LIMIT_KEYS, "sandbox",
                   "ascii_casefold", "posix_acl", "security_ctx", *FS_IDMAP_KEYS)
 FS_OPTION_KEYS += ("dax", "dax_window_mib")   # DAX window
+FS_OPTION_KEYS += ("idmap",)                   # where uidmap/gidmap apply
 
 
 def parse_fs_option_items(where: str, source: str, tag: str, items: list[str],
@@ -498,6 +502,10 @@ def parse_fs_option_items(where: str, source: str, tag: str, items: list[str],
             if not raw.isdigit() or not lo <= int(raw) <= hi:
                 raise error(key, f"expected an integer between {lo} and {hi}, got {raw!r}")
             values[key] = int(raw)
+        elif key == "idmap":
+            if raw not in IDMAP_MODES:
+                raise error(key, f"must be one of {', '.join(IDMAP_MODES)}, got {raw!r}")
+            values[key] = raw
         elif key == "sandbox":
             if raw not in SANDBOX_MODES:
                 raise error(key, f"must be one of {', '.join(SANDBOX_MODES)}, got {raw!r}")

@@ -21,7 +21,10 @@ it inherited as `--fd N` (how the VMM starts it for a `type: fs` device, see vmm
 `--control` needs `--sandbox none`. A share with `dax: true` never maps files into a window of
 this process: its DAX window's mapper is the vhost-user back-end request channel (FS_MAP/FS_UNMAP
 to the front-end, which owns the window; devices/virtio/vhost_user/backend_req.py), connected
-when the front-end sends SET_SLAVE_REQ_FD. `--stats-fd N` (a socket inherited from the VMM) answers the
+when the front-end sends SET_SLAVE_REQ_FD. With `uidmap`/`gidmap` the jail is also a user
+namespace with those maps (`idmap`, devices/virtio/fs/idmap.py), where the kernel translates the
+ids and the device holds only the mapped host ids; where that cannot be, the device translates
+and one log line says why. `--stats-fd N` (a socket inherited from the VMM) answers the
 VMM's requests for the counters; see vmm/sandbox.py for its small protocol.
 """
 
@@ -100,6 +103,13 @@ def run_fs_backend(socket_path: str | None, *, shared_dir: str | None = None,
     if (socket_path is None) == (fd is None):
         raise ConfigError("device fs: give exactly one of --socket PATH and --fd N")
     mode = sandbox or options.sandbox
+    if mode != options.sandbox:
+        # The device's own choices follow where it really runs (idmap: a user namespace only
+        # in a jail).
+        try:
+            options = dataclasses.replace(options, sandbox=mode)
+        except ValueError as exc:
+            raise ConfigError(f"--sandbox {mode}: {exc}") from None
     if mode != "none":
         if control:
             raise ConfigError("--control needs --sandbox none: a jailed back-end opens no socket "
@@ -184,8 +194,8 @@ def _run_jailed(options: FsOptions, mode: str, socket_path: str | None, fd: int 
     """Take the connection, open what must come from the host tree, jail, then serve."""
     # Everything the jailed code runs is imported now: after pivot_root the interpreter's
     # files are out of reach.
-    from devices.jail import JailSpec, enter
-    from devices.virtio.fs import inodes
+    from devices.jail import JailSpec, UserNamespaceUnavailable, enter
+    from devices.virtio.fs import idmap, inodes
     from devices.virtio.fs.device import FsDevice, default_trace_path
     from devices.virtio.fs.fdbudget import HEADROOM
     from devices.virtio.vhost_user.server import BackendServer  # noqa: F401 - for _serve_fd
@@ -213,17 +223,48 @@ def _run_jailed(options: FsOptions, mode: str, socket_path: str | None, fd: int 
         keep.append(trace_fd)
     if stats_fd is not None:
         keep.append(stats_fd)
+    where, why = idmap.plan(options)
+    if where == "userns":
+        logger.info("virtio-fs %s: uidmap/gidmap applied by a user namespace around the device",
+                    options.tag)
+    elif where == "device":
+        # a warning when `auto` had to fall back; asked for explicitly, it is only information
+        say = logger.warning if options.idmap == "auto" else logger.info
+        say("virtio-fs %s: uidmap/gidmap translated by the device, not a user namespace: %s",
+            options.tag, why)
+    userns = where == "userns"
     try:
         spec = JailSpec(root=options.source, mode=mode, allow_mknod=options.allow_mknod,
+                        uid_map=idmap.kernel_ranges(options.uidmap) if userns else None,
+                        gid_map=idmap.kernel_ranges(options.gidmap) if userns else None,
                         # file capabilities reach the host only with xattr_policy passthrough
                         allow_setfcap=options.xattr_policy == "passthrough",
                         max_open_files=min(1 << 20, options.max_inodes + options.max_handles + HEADROOM),
                         keep_fds=tuple(keep))
-        jail = enter(spec, report_fd=stats_fd)
+        try:
+            jail = enter(spec, report_fd=stats_fd)
+        except UserNamespaceUnavailable as exc:
+            if options.idmap != "auto":
+                raise
+            # `auto` promised the maps, not the namespace: the device translates them instead
+            logger.warning("virtio-fs %s: uidmap/gidmap translated by the device, not a user "
+                           "namespace: %s", options.tag, exc)
+            spec = dataclasses.replace(spec, uid_map=None, gid_map=None)
+            jail = enter(spec, report_fd=stats_fd)
     except Exception as exc:  # noqa: BLE001 - e.g. no privilege for namespaces: say why, once
         _report(stats_fd, exc)
         raise
     inodes.set_proc_root(jail.proc_root)
+    idmap.set_kernel_translates(jail.spec.userns)
+    if jail.spec.userns:
+        root_st = os.stat("/")
+        if root_st.st_uid != 0:
+            # The namespace's 0 (the device) is not the share's owner: what the guest's root may
+            # do at the top of the share is what the "other" bits allow (the kernel decides).
+            logger.warning("virtio-fs %s: the shared directory does not belong to the host uid "
+                           "the namespace's 0 maps to (it shows as uid %d inside): the guest's "
+                           "root gets only its group/other permissions there",
+                           options.tag, root_st.st_uid)
     changes: dict[str, Any] = {}
     if mode != "none":
         changes["source"] = "/"

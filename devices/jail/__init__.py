@@ -20,6 +20,10 @@ passthrough's name checks cannot reach the host:
 * **capabilities** (capabilities.py): only CHOWN, DAC_OVERRIDE, FOWNER, FSETID, SETGID, SETUID
   (+ MKNOD / SETFCAP when the config allows device nodes / file capabilities); bounding and
   ambient sets emptied likewise, securebits locked.
+* **user namespace** (userns.py), only with ``uid_map``/``gid_map``: the maps are written from
+  outside by a helper that stays root in the initial namespace; the process then runs as the
+  namespace's 0 with no supplementary groups, so it holds only the mapped host ids and its
+  capabilities act only on inodes whose owner and group are mapped.
 * **no_new_privs**, then **seccomp** last (seccomp.py, policy.py): an allowlist compiled to a
   BPF binary search; foreign architectures kill the process, x32 numbers and anything unlisted
   get the default action (EPERM, or SIGSYS with ``seccomp_action="kill"``).
@@ -34,5 +38,7 @@ from __future__ import annotations
 
 from .process import Jail, JailedChild, enter, spawn_jailed
 from .spec import MODES, JailError, JailSpec
+from .userns import UserNamespaceUnavailable
 
-__all__ = ["Jail", "JailError", "JailSpec", "JailedChild", "MODES", "enter", "spawn_jailed"]
+__all__ = ["Jail", "JailError", "JailSpec", "JailedChild", "MODES", "UserNamespaceUnavailable",
+           "enter", "spawn_jailed"]

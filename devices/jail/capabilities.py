@@ -1,7 +1,9 @@
 """Capabilities of a jailed device: drop everything but the few the passthrough needs.
 
 A jailed device stays uid 0 (it must create files owned by the guest's uids on the host), so what
-it may do is decided by its capabilities, not its uid. ``drop_to`` leaves the permitted and
+it may do is decided by its capabilities, not its uid. (In a user namespace, userns.py, it is the
+namespace's uid 0, a mapped host user, and the same capabilities act only on inodes whose owner
+and group are mapped.) ``drop_to`` leaves the permitted and
 effective sets equal to the kept set, empties the inheritable and ambient sets, removes every
 other capability from the bounding set (so nothing, not even an exec of a set-uid or file-cap
 binary, can bring one back) and locks the securebits that make uid 0 special:

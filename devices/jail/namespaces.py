@@ -44,8 +44,8 @@ CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
 
-#: The namespaces a jailed fs device gets (no user namespace: the device must create files with
-#: the guest's real uids on the host, which a user namespace would remap).
+#: The namespaces a jailed fs device gets; a user namespace (CLONE_NEWUSER) only with uid/gid maps
+#: (userns.py): without one the device creates files with the guest's uids unchanged on the host.
 JAIL_NAMESPACES = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWNET
 
 MS_RDONLY = 1

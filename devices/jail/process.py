@@ -6,8 +6,12 @@ Order (each step needs what the later ones take away):
    jailed process; the caller stays outside as a *relay* that waits for it and exits with its
    status (a death by signal is re-raised), so whoever started the jail sees the device's own
    exit status on the relay's pid.
+   With ``uid_map``/``gid_map`` the unshare also makes a user namespace, which owns the others;
+   its maps are written from outside by a helper forked just before (userns.py).
 2. Mounts (still holding CAP_SYS_ADMIN): propagation made slave, a private procfs kept as an fd,
    the share bind-mounted nosuid/nodev/noexec, pivot_root (or chroot) into it.
+   In a user namespace the process then becomes its uid/gid 0 with no supplementary groups
+   (userns.become): from here on it holds only the mapped host ids.
 3. Every fd not asked for is closed (a directory fd would lead out of the new root).
 4. rlimits (RLIMIT_NOFILE as configured, no core dumps) and not dumpable: guest memory is mapped
    into this process and must never land in a core file on the host.
@@ -41,7 +45,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import _sys, capabilities, namespaces, seccomp
+from . import _sys, capabilities, namespaces, seccomp, userns
 from .spec import JailError, JailSpec
 
 logger = logging.getLogger(__name__)
@@ -81,7 +85,10 @@ def enter(spec: JailSpec, *, report_fd: int | None = None) -> Jail:
     if spec.mode == "none":
         return _lock_down(spec, None, report_fd)
     root = spec.real_root()
-    namespaces.unshare(namespaces.JAIL_NAMESPACES)
+    if spec.userns:
+        _enter_userns(spec)
+    else:
+        namespaces.unshare(namespaces.JAIL_NAMESPACES)
     pid = os.fork()
     if pid:
         _relay(pid, report_fd)                       # never returns
@@ -95,10 +102,31 @@ def enter(spec: JailSpec, *, report_fd: int | None = None) -> Jail:
         else:
             namespaces.chroot_into(root)
         namespaces.set_hostname(spec.hostname)
+        if spec.userns:
+            userns.become(0, 0)
         return _lock_down(spec, proc_fd, report_fd)
     except BaseException:
         _report_error(report_fd)
         os._exit(EXIT_SETUP_FAILED)
+
+
+def _enter_userns(spec: JailSpec) -> None:
+    """unshare with a new user namespace (owning the other new namespaces, so the mounts and
+    pivot_root below are allowed in it) and have its maps written from outside (userns.py)."""
+    if spec.max_open_files is not None:
+        # Raising the hard limit needs CAP_SYS_RESOURCE of the initial namespace: now or never.
+        _set_nofile(spec.max_open_files)
+    writer = userns.MapWriter(*spec.maps())
+    try:
+        namespaces.unshare(namespaces.JAIL_NAMESPACES | namespaces.CLONE_NEWUSER)
+    except OSError as exc:
+        writer.abandon()
+        # unshare changes all or nothing: the caller may retry without a user namespace
+        raise userns.UserNamespaceUnavailable(f"no user namespace here: {exc}") from None
+    except BaseException:
+        writer.abandon()
+        raise
+    writer.write()
 
 
 def _lock_down(spec: JailSpec, proc_fd: int | None, report_fd: int | None) -> Jail:

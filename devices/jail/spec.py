@@ -37,6 +37,10 @@ class JailSpec:
     keep_fds: file descriptors that survive (0, 1, 2 always do); every other fd is closed,
         and a kept fd may not be a directory, since a directory fd would lead out of the jail.
     hostname: the new UTS namespace's host name.
+    uid_map / gid_map: ``((inner, outer, count), ...)`` (the lines of ``/proc/PID/uid_map``): the
+        jailed process gets a new user namespace with these maps (a missing one is the identity)
+        and runs as its uid/gid 0, which must be mapped (userns.py); ``None`` for both: no user
+        namespace, the process stays host root with reduced capabilities.
     """
 
     root: str | None = None
@@ -50,6 +54,8 @@ class JailSpec:
     keep_fds: tuple[int, ...] = ()
     hostname: str = "pyvmm-jail"
     no_new_privs: bool = field(default=True)
+    uid_map: tuple[tuple[int, int, int], ...] | None = None
+    gid_map: tuple[tuple[int, int, int], ...] | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -73,6 +79,17 @@ class JailSpec:
             # jail has just dropped.
             raise ValueError("a seccomp filter needs no_new_privs")
 
+        if self.userns:
+            if self.mode == "none":
+                raise ValueError("a user namespace (uid_map/gid_map) needs mode namespace or chroot")
+            for kind, ranges in (("uid_map", self.uid_map), ("gid_map", self.gid_map)):
+                if ranges is not None:
+                    _check_ranges(kind, ranges)
+
+    @property
+    def userns(self) -> bool:
+        return self.uid_map is not None or self.gid_map is not None
+
     @classmethod
     def unconfined(cls) -> JailSpec:
         """``sandbox: none``: nothing at all is changed."""
@@ -91,6 +108,29 @@ class JailSpec:
     def allowlist(self) -> Mapping[str, Rule]:
         return policy.FS_DEVICE if self.syscalls is None else self.syscalls
 
+    def maps(self) -> tuple[tuple[tuple[int, int, int], ...], tuple[tuple[int, int, int], ...]]:
+        """(uid_map, gid_map) to write, a missing one as the identity."""
+        from .userns import IDENTITY
+        return self.uid_map or IDENTITY, self.gid_map or IDENTITY
+
     def real_root(self) -> str:
         assert self.root is not None
         return os.path.realpath(self.root)
+
+
+#: The kernel takes at most this many lines per map (since 4.15).
+MAX_MAP_RANGES = 340
+
+
+def _check_ranges(kind: str, ranges: tuple[tuple[int, int, int], ...]) -> None:
+    """What the kernel would refuse, said before any process is forked; and the jailed process
+    becomes the namespace's 0, so 0 must be mapped."""
+    if not 1 <= len(ranges) <= MAX_MAP_RANGES:
+        raise ValueError(f"{kind} must have 1..{MAX_MAP_RANGES} ranges, got {len(ranges)}")
+    for r in ranges:
+        if (len(r) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) for v in r)
+                or r[2] < 1 or r[0] < 0 or r[1] < 0
+                or r[0] + r[2] > 0xFFFFFFFF or r[1] + r[2] > 0xFFFFFFFF):
+            raise ValueError(f"{kind} range {r!r} is not (inner, outer, count) within 32 bits")
+    if not any(inner == 0 for inner, _outer, _count in ranges):
+        raise ValueError(f"{kind} must map id 0 (the jailed device runs as the namespace's 0)")

@@ -124,3 +124,65 @@ def test_casefold_idmap_and_acls_in_a_guest(boot, tmp_path, monkeypatch):
 
     got = [raw(s.extra["value"]) for s in steps_by_op(r, "getxattr")[:2]]
     assert entries(got[0]) == entries(got[1]) == entries(value)
+
+
+def _jailed_ids(tag: str) -> list[tuple[list[str], list[str]]]:
+    """(uid_map lines, Uid of status) of every process serving share `tag` (the jailed child's
+    relay and the jailed device itself: both are started as `vmm device fs --options-json`)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read()
+            if b"device\0fs\0" not in cmd or f'"tag": "{tag}"'.encode() not in cmd:
+                continue
+            uid_map = open(f"/proc/{pid}/uid_map").read().split()
+            uid = next(ln.split()[1:] for ln in open(f"/proc/{pid}/status") if ln.startswith("Uid:"))
+        except (OSError, StopIteration):
+            continue
+        found.append((uid_map, uid))
+    return found
+
+
+def test_idmap_through_the_sandbox_user_namespace_in_a_guest(boot, tmp_path):
+    """The same uidmap/gidmap on two jailed shares, one applied by the user namespace around the
+    device (idmap: auto, the default) and one by the device (idmap: device): a guest root's files
+    belong to the mapped host user on both; a root-only host file is readable through the device
+    that translates (it is host root) but not through the one in the user namespace, which holds
+    only the mapped host ids. (The guest cannot show the overflow owner of an unmapped host file,
+    see the module docstring; tests/test_sandbox_userns.py reads it from the jailed child's
+    replies.)"""
+    ns, dev = tmp_path / "ns", tmp_path / "dev"
+    for d in (ns, dev):
+        d.mkdir()
+        os.chown(d, HOST_UID, HOST_UID)                # the mapped user's directory
+        (d / "stranger").write_bytes(b"anyone\n")
+        os.chown(d / "stranger", 4242, 4242)
+        (d / "secret").write_bytes(b"root only\n")
+        os.chmod(d / "secret", 0o600)
+    seen: dict[str, list] = {}
+
+    def on_line(line: bytes) -> None:
+        if b"name=running" in line:                     # both children are serving now
+            seen.update(ns=_jailed_ids("ns"), dev=_jailed_ids("dev"))
+
+    maps = dict(uidmap=f"0 {HOST_UID} 1", gidmap=f"0 {HOST_UID} 1")
+    script = "\n".join([
+        *(f"create /mnt/{t}/new\nmkdir /mnt/{t}/dir\nread /mnt/{t}/stranger\nstat /mnt/{t}/stranger"
+          for t in ("ns", "dev")),
+        "read /mnt/ns/secret expect=EACCES",
+        "read /mnt/dev/secret",
+        "mark running",
+        "exit 0",
+    ]) + "\n"
+    r = boot(script, shares=(share(ns, "ns", **maps), share(dev, "dev", idmap="device", **maps)),
+             on_line=on_line)
+    assert_ok(r)
+    for d in (ns, dev):
+        for n in ("new", "dir"):
+            st = os.stat(d / n)
+            assert (st.st_uid, st.st_gid) == (HOST_UID, HOST_UID), (d, n)
+    # while the guest ran: the user namespace's device is the mapped host user, with the map;
+    # the other one is host root in the initial namespace (its relay likewise)
+    assert (["0", str(HOST_UID), "1"], [str(HOST_UID)] * 4) in seen["ns"]
+    assert seen["dev"] and all(m == ["0", "0", "4294967295"] and u == ["0"] * 4
+                               for m, u in seen["dev"])

@@ -93,6 +93,12 @@ def _set_fsid(nr: int, what: str, value: int) -> int:
     previous = _libc.syscall(nr, ctypes.c_uint32(value))
     current = _libc.syscall(nr, ctypes.c_uint32(_QUERY))
     if current != value:
+        cap = capabilities.CAPS["SETUID" if nr == SYS_setfsuid else "SETGID"]
+        if capabilities.get()[0] >> cap & 1:
+            # Holding CAP_SETUID/CAP_SETGID, the only refusal is an id without a mapping in the
+            # device's user namespace (idmap "userns", devices/jail/userns.py): what the kernel
+            # answers a caller whose fs ids have no mapping, as IdMappedFs does.
+            raise OSError(errno.EOVERFLOW, f"{what}({value}): no host id in the user namespace")
         _log.warn("%s(%d) refused (still %d): the device needs CAP_SETUID and CAP_SETGID to "
                   "create entries for guest users", what, value, current)
         raise OSError(errno.EPERM, f"{what}({value}) refused (still {current})")

@@ -1,10 +1,11 @@
-"""``uidmap`` / ``gidmap``: guest ids <-> host ids, translated by the device (issue 12).
+"""``uidmap`` / ``gidmap``: guest ids <-> host ids (issue 12).
 
 Syntax as crosvm's ``--shared-dir ...:uidmap=0 1000 1``: ranges ``inner outer count`` separated
 by commas, with the meaning of ``/proc/PID/uid_map`` (guest ids ``inner .. inner+count-1`` are
 host ids ``outer .. outer+count-1``).  crosvm gives the map to a user namespace around its
-device; here the device itself translates (:class:`IdMappedFs`, installed by
-``devices.virtio.fs.device.passthrough_factory``), with the user namespace's rules:
+device, and so does the sandbox here where it can (below); otherwise the device itself
+translates (:class:`IdMappedFs`, installed by ``devices.virtio.fs.device.passthrough_factory``),
+with the user namespace's rules:
 
 * **guest -> host** (the caller of a creation, the owner of a CHOWN, the ids in a POSIX ACL the
   guest sets): a mapped id becomes its host id.  An unmapped caller cannot create (EOVERFLOW, what
@@ -15,12 +16,26 @@ device; here the device itself translates (:class:`IdMappedFs`, installed by
   ``overflowgid``, 65534 unless changed), as stat(2) in a user namespace shows it.
 
 Without ``uidmap`` uids are not translated at all (identity), likewise gids without ``gidmap``.
+
+**Where the maps are applied** (``idmap: auto|userns|device``, :func:`plan`): with the sandbox
+(``sandbox: namespace|chroot``) the jailed device runs by default in a user namespace whose
+``uid_map``/``gid_map`` are these maps (devices/jail/userns.py), as crosvm's device does: the
+kernel translates, the device holds only the mapped host ids, and :func:`wrap` installs nothing
+(``set_kernel_translates``, called by the jailed back-end). The translation stays in the device
+where a user namespace cannot serve the share the same way: ``sandbox: none`` (the device is a
+thread of the VMM), a map that leaves id 0 unmapped (the jailed device runs as the namespace's
+0), ``allow_mknod`` (device nodes need CAP_MKNOD of the initial namespace), or ``idmap: device``.
+What the user namespace changes for the guest beyond the translation (README "uidmap"): its
+capabilities act only on host inodes whose owner and group are mapped, so a file of an unmapped
+owner is reachable through its "other" permission bits only (EACCES/EPERM otherwise), and
+protected_hardlinks refuses a link to one.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import errno
+import logging
 import os
 import struct
 from collections.abc import Iterator
@@ -28,6 +43,13 @@ from typing import Any, cast
 
 from fuse import abi
 from fuse.filesystem import Context, Entry, SetattrRequest
+
+logger = logging.getLogger(__name__)
+
+#: Where the maps are applied (see the module docstring): ``auto`` a user namespace where one
+#: can serve the share, else the device; ``userns`` the namespace or a config error; ``device``
+#: the device always.
+IDMAP_MODES = ("auto", "userns", "device")
 
 #: Largest id a range may reach: (u32)-1 is "no id" for chown and never mappable.
 ID_LIMIT = 0xFFFFFFFF
@@ -279,9 +301,55 @@ class IdMappedFs:
         return res
 
 
+def userns_obstacle(uidmap: str | None, gidmap: str | None, sandbox: str,
+                    allow_mknod: bool) -> str | None:
+    """Why a user namespace cannot apply these maps the way the device would (None: it can)."""
+    if sandbox == "none":
+        return "sandbox: none runs the device inside the VMM process (no namespace of its own)"
+    for kind, text in (("uid", uidmap), ("gid", gidmap)):
+        if text is not None and IdMap.parse(text).to_host(0) is None:
+            return (f"{kind}map leaves {kind} 0 unmapped (the jailed device runs as its "
+                    "namespace's 0)")
+    if allow_mknod:
+        return "allow_mknod: device nodes need CAP_MKNOD of the initial user namespace"
+    return None
+
+
+def plan(options: Any) -> tuple[str, str]:
+    """(where the maps of an FsOptions apply: "none" | "userns" | "device", why), for the jail
+    and the start-up log line."""
+    if options.uidmap is None and options.gidmap is None:
+        return "none", "no uidmap/gidmap"
+    if options.idmap == "device":
+        return "device", "idmap: device"
+    why = userns_obstacle(options.uidmap, options.gidmap, options.sandbox, options.allow_mknod)
+    if why is None:
+        return "userns", "the sandbox's user namespace maps them"
+    return "device", why
+
+
+def kernel_ranges(text: str | None) -> tuple[tuple[int, int, int], ...] | None:
+    """A map option as the lines of /proc/PID/uid_map (JailSpec.uid_map), None without one."""
+    if text is None:
+        return None
+    return tuple((r.inner, r.outer, r.count) for r in IdMap.parse(text).ranges)
+
+
+class _KernelMaps:
+    on = False
+
+
+def set_kernel_translates(on: bool) -> None:
+    """Say that this process runs in a user namespace with the share's maps (the jailed back-end
+    calls it after devices.jail.enter): :func:`wrap` then leaves the ids to the kernel, which
+    would otherwise see them translated twice."""
+    _KernelMaps.on = on
+
+
 def wrap(fs: Any, uidmap: str | None, gidmap: str | None) -> Any:
-    """``fs`` itself when neither map is given, else ``fs`` behind an :class:`IdMappedFs`."""
-    if uidmap is None and gidmap is None:
+    """``fs`` itself when neither map is given or the process's user namespace applies them,
+    else ``fs`` behind an :class:`IdMappedFs`."""
+    if (uidmap is None and gidmap is None) or _KernelMaps.on:
         return fs
     return IdMappedFs(fs, IdMap.parse(uidmap) if uidmap is not None else None,
                       IdMap.parse(gidmap) if gidmap is not None else None)

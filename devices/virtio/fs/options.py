@@ -153,6 +153,7 @@ class FsOptions:
     posix_acl: bool = True         # FUSE_POSIX_ACL: the guest enforces POSIX ACLs (policy.py)
     uidmap: str | None = None      # "inner outer count[,...]" guest uid -> host uid (idmap.py)
     gidmap: str | None = None      # the same for gids
+    idmap: str = "auto"            # auto | userns | device: where the maps apply (idmap.py)
     security_ctx: bool = False     # FUSE_SECURITY_CTX; refused where fscreate is not writable
     # Where the device runs (README "Sandbox"): a jailed vhost-user back-end child of the VMM
     # (namespace: pivot_root into the share; chroot), or `none`: a worker thread of the VMM.
@@ -240,6 +241,15 @@ class FsOptions:
                     idmap.IdMap.parse(value)
                 except ValueError as exc:
                     raise ValueError(f"{field} {exc}") from None
+        if self.idmap not in idmap.IDMAP_MODES:
+            raise ValueError(f"idmap must be one of {'|'.join(idmap.IDMAP_MODES)}, "
+                             f"got {self.idmap!r}")
+        if self.idmap == "userns":
+            if self.uidmap is None and self.gidmap is None:
+                raise ValueError("idmap: userns needs a uidmap or gidmap")
+            why = idmap.userns_obstacle(self.uidmap, self.gidmap, self.sandbox, self.allow_mknod)
+            if why:
+                raise ValueError(f"idmap: userns is not possible: {why}")
         if self.security_ctx:
             why = secctx.unsupported_reason()
             if why:
