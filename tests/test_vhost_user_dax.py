@@ -53,25 +53,12 @@ from devices.virtio.vhost_user.server import BackendServer
 from fuse import abi
 from fuse.abi import Opcode
 from test_fuse_memfs import cstr, do_init, request, send
+from tests.test_fs_dax import pattern, prot_at
 
 PAGE = 4096
 MiB = 1 << 20
 WAIT_S = 30  # bounds a wait, never a timing assertion
 R, W = FS_FLAG_MAP_R, FS_FLAG_MAP_W
-
-
-def pattern(n: int, seed: int = 1) -> bytes:
-    return bytes((i * 7 + seed) & 0xFF for i in range(n))
-
-
-def prot_at(addr: int) -> str | None:
-    with open("/proc/self/maps") as f:
-        for line in f:
-            span, perms = line.split()[:2]
-            lo, hi = (int(x, 16) for x in span.split("-"))
-            if lo <= addr < hi:
-                return perms
-    return None
 
 
 # ---- the message ----------------------------------------------------------------------------
