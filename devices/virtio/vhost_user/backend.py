@@ -431,7 +431,16 @@ class VhostUserBackend:
         if st.num not in (0, 1):
             raise RequestError(f"ring {st.index}: enable value {st.num} is not 0 or 1")
         r.enabled = bool(st.num)
-        if r.enabled:
+        if r.enabled and self.active and not self._running(st.index) and self._ring_ready(r):
+            # The device was started early, by a kick on a ring already enabled (QEMU enables
+            # its rings one message at a time and may signal a kick fd between them): restart
+            # it with this ring too, or nothing the guest puts on it is ever served. Seen with
+            # QEMU 7.2: started with rings [0] only, the guest's INIT on ring 1 waited forever.
+            logger.info("vhost-user: ring %d enabled after the device started; restarting it "
+                        "with that ring", st.index)
+            self._stop(f"SET_VRING_ENABLE {st.index}", keep_started=True)
+            self._maybe_activate(force=True)
+        elif r.enabled:
             self._maybe_activate()
         elif self._running(st.index):
             # "Disabled" means "process without side effects", which a file system cannot do;
