@@ -115,12 +115,10 @@ def run_fs_backend(socket_path: str | None, *, shared_dir: str | None = None,
             raise ConfigError("--control needs --sandbox none: a jailed back-end opens no socket "
                               "(read its counters with --metrics, or from the VMM)")
         _exit_jailed(_run_jailed(options, mode, socket_path, fd, stats_fd, metrics, progress))
-    if fd is not None:
-        channel = dax_channel(options)
-        return _serve_fd(FsDevice(options, dax_mapper=channel), fd, stats_fd, metrics, progress,
-                         channel)
     channel = dax_channel(options)
     device = FsDevice(options, dax_mapper=channel)
+    if fd is not None:
+        return _serve_fd(device, fd, stats_fd, metrics, progress, channel)
     server: BackendServer | None = None
     stop_early = False
 
@@ -229,9 +227,7 @@ def _run_jailed(options: FsOptions, mode: str, socket_path: str | None, fd: int 
                     options.tag)
     elif where == "device":
         # a warning when `auto` had to fall back; asked for explicitly, it is only information
-        say = logger.warning if options.idmap == "auto" else logger.info
-        say("virtio-fs %s: uidmap/gidmap translated by the device, not a user namespace: %s",
-            options.tag, why)
+        _say_device_translates(options, why)
     userns = where == "userns"
     try:
         spec = JailSpec(root=options.source, mode=mode, allow_mknod=options.allow_mknod,
@@ -247,8 +243,7 @@ def _run_jailed(options: FsOptions, mode: str, socket_path: str | None, fd: int 
             if options.idmap != "auto":
                 raise
             # `auto` promised the maps, not the namespace: the device translates them instead
-            logger.warning("virtio-fs %s: uidmap/gidmap translated by the device, not a user "
-                           "namespace: %s", options.tag, exc)
+            _say_device_translates(options, exc)
             spec = dataclasses.replace(spec, uid_map=None, gid_map=None)
             jail = enter(spec, report_fd=stats_fd)
     except Exception as exc:  # noqa: BLE001 - e.g. no privilege for namespaces: say why, once
@@ -299,6 +294,14 @@ def _exit_jailed(code: int) -> NoReturn:
         except (OSError, ValueError):
             pass
     os._exit(code)
+
+
+def _say_device_translates(options: FsOptions, why: object) -> None:
+    """The one log line saying the device, not a user namespace, applies uidmap/gidmap: a
+    warning where `idmap: auto` had to fall back, information where `device` was asked for."""
+    say = logger.warning if options.idmap == "auto" else logger.info
+    say("virtio-fs %s: uidmap/gidmap translated by the device, not a user namespace: %s",
+        options.tag, why)
 
 
 def _report(stats_fd: int | None, exc: BaseException) -> None:

@@ -25,7 +25,7 @@ from typing import BinaryIO
 from devices.acpi_pm import AcpiPmDevice
 from devices.i8042 import I8042
 from devices.serial import Serial
-from devices.virtio.fs.dax import DaxWindow, WindowFaults
+from devices.virtio.fs.dax import DaxWindow, HasDaxWindow, WindowFaults
 from devices.virtio.fs.device import FsDevice
 from devices.virtio.fs.options import FsOptions
 from devices.virtio.mmio import VIRTIO_MMIO_QUEUE_NOTIFY, MmioTransport
@@ -336,9 +336,8 @@ class Machine:
     def _add_dax_windows(self, stack: contextlib.ExitStack, vm: Vm, memory: GuestMemory,
                          mmio: Bus) -> None:
         """Each DAX window above RAM (vmm.layout), as its own KVM memory slot after RAM's."""
-        # FsDevice (in-process) or a sandboxed device's front-end: each keeps its window here
         placed = [(d, w) for d in self.fs_devices
-                  if (w := getattr(d, "dax_window", None)) is not None]
+                  if isinstance(d, HasDaxWindow) and (w := d.dax_window) is not None]
         if not placed:
             return
         ram_end = max(r.end for r in memory.regions)

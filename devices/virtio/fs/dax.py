@@ -58,7 +58,8 @@ from fuse import abi
 from fuse.limits import OFFSET_MAX, RequestError
 from fuse.logthrottle import LogThrottle
 
-__all__ = ["DaxMapper", "DaxWindow", "LocalMapper", "MAP_ALIGNMENT_SHIFT", "INODE_FH"]
+__all__ = ["DaxMapper", "DaxWindow", "HasDaxWindow", "LocalMapper", "MAP_ALIGNMENT_SHIFT",
+           "INODE_FH"]
 
 logger = logging.getLogger(__name__)
 
@@ -377,6 +378,20 @@ class DaxWindow:
 
 
 # ---- the passthrough's side ---------------------------------------------------------------------
+
+class HasDaxWindow:
+    """A device model that may keep a DAX window the VMM maps as a memory slot: the in-process
+    ``FsDevice``, or the front-end of a sandboxed back-end (which maps through the back-end
+    request channel). The VMM places the window and the device reports it to the driver."""
+
+    dax_window: DaxWindow | None = None
+    shm_regions: dict[int, tuple[int, int]]
+
+    def place_dax_window(self, gpa: int) -> None:
+        """The VMM put the window at guest-physical ``gpa``: report it as shared memory region 0."""
+        assert self.dax_window is not None
+        self.shm_regions = {0: (gpa, self.dax_window.size)}
+
 
 def setupmapping(window: DaxWindow, fs, nodeid: int, fh: int, foffset: int, length: int,
                  flags: int, moffset: int) -> None:

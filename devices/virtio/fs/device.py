@@ -26,7 +26,7 @@ from collections.abc import Callable
 
 from devices.memory import GuestMemoryAccess
 from devices.virtio.device import BASE_FEATURES, VIRTIO_ID_FS, VirtioDevice
-from devices.virtio.fs.dax import DaxMapper, DaxWindow
+from devices.virtio.fs.dax import DaxMapper, DaxWindow, HasDaxWindow
 from devices.virtio.fs.options import DEFAULT_MAX_WRITE, FS_MAX_TAG_LEN, FsOptions
 from devices.virtio.fs.worker import FsWorker, WorkerCounters, os_thread_name
 from devices.virtio.interrupt import VirtioInterrupt
@@ -73,7 +73,7 @@ def default_trace_path(tag: str) -> str:
     return os.path.join(tempfile.gettempdir(), f"pyvmm-virtio-fs-{safe}-{os.getpid()}.trace.jsonl")
 
 
-class FsDevice(VirtioDevice):
+class FsDevice(HasDaxWindow, VirtioDevice):
     """A virtio-fs device sharing `options.source` under `options.tag`.
 
     `fs_factory(options)` builds the FileSystem (default: PassthroughFs) so tests can inject another.
@@ -127,11 +127,6 @@ class FsDevice(VirtioDevice):
                              f"window hook ({type(self.fs).__name__} has none)")
         self.dax_window = DaxWindow(self.options.dax_window_mib << 20, mapper=self._dax_mapper)
         self.fs.dax = self.dax_window
-
-    def place_dax_window(self, gpa: int) -> None:
-        """The VMM put the window at guest-physical ``gpa``: report it as shared memory region 0."""
-        assert self.dax_window is not None
-        self.shm_regions = {0: (gpa, self.dax_window.size)}
 
     @property
     def worker_thread(self):

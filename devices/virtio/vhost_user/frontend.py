@@ -53,7 +53,7 @@ from dataclasses import dataclass
 
 from devices.memory import GuestMemory, GuestMemoryError
 from devices.virtio.device import BASE_FEATURES, VIRTIO_F_VERSION_1, VIRTIO_ID_FS, VirtioDevice
-from devices.virtio.fs.dax import DaxWindow
+from devices.virtio.fs.dax import DaxWindow, HasDaxWindow
 from devices.virtio.fs.device import QUEUE_SIZE, config_space
 from devices.virtio.fs.options import FS_MAX_TAG_LEN, check_tag
 from devices.virtio.interrupt import Interrupt, VirtioInterrupt
@@ -119,7 +119,7 @@ class VhostUserFrontendError(Exception):
         self.socket_path = socket_path
 
 
-class VhostUserFsFrontend(VirtioDevice):
+class VhostUserFsFrontend(HasDaxWindow, VirtioDevice):
     """A virtio-fs device served by a vhost-user back-end on `options.socket`.
 
     `memory` must be shareable (`devices.memory.map_memfd` regions): its fds go to the back-end.
@@ -286,11 +286,6 @@ class VhostUserFsFrontend(VirtioDevice):
             theirs.close()
         self._dax_server = FsMapServer(self.dax_window, ours, self.options.tag)
         self._dax_server.start()
-
-    def place_dax_window(self, gpa: int) -> None:
-        """The VMM put the window at guest-physical ``gpa``: report it as shared memory region 0."""
-        assert self.dax_window is not None
-        self.shm_regions = {0: (gpa, self.dax_window.size)}
 
     def _check_tag(self) -> None:
         reply = self._exchange(Request.GET_CONFIG, ConfigSpace(0, _CONFIG_SIZE, 0, bytes(_CONFIG_SIZE)).encode())
