@@ -418,7 +418,7 @@ static int __init pyv_write(struct pyv_step *st, struct pyv_out *out, int oflags
 	f = filp_open(st->argv[0], oflags | O_WRONLY | O_CREAT | O_LARGEFILE, 0644);
 	if (IS_ERR(f))
 		return PTR_ERR(f);
-	buf = kvmalloc(PYV_CHUNK, GFP_KERNEL);
+	buf = kmalloc(PYV_CHUNK, GFP_KERNEL);
 	if (!buf)
 		return pyv_close(f, -ENOMEM);
 	word0 = pyv_pattern_init(buf, st->num[1]);
@@ -439,7 +439,7 @@ static int __init pyv_write(struct pyv_step *st, struct pyv_out *out, int oflags
 		}
 		done += w;
 	}
-	kvfree(buf);
+	kfree(buf);
 	pyv_extra(out, "size=%llu", done);
 	return pyv_close(f, ret);
 }
@@ -526,7 +526,7 @@ static int __init run_read(struct pyv_step *st, struct pyv_out *out)
 
 	if (IS_ERR(f))
 		return PTR_ERR(f);
-	buf = kvmalloc(PYV_CHUNK, GFP_KERNEL);
+	buf = kmalloc(PYV_CHUNK, GFP_KERNEL);
 	if (!buf)
 		return pyv_close(f, -ENOMEM);
 	for (;;) {
@@ -544,7 +544,7 @@ static int __init run_read(struct pyv_step *st, struct pyv_out *out)
 		else
 			crc = crc32_le(crc, buf, n);
 	}
-	kvfree(buf);
+	kfree(buf);
 	if (st->num[0] == PYV_SUM_SUM64)
 		pyv_extra(out, "size=%lld sum64=0x%016llx", pos, sum);
 	else
