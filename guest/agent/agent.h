@@ -24,12 +24,12 @@
 #define PYV_MAX_STEPS	4096
 #define PYV_SCRIPT_MAX	(256 * 1024)
 #define PYV_OUT_MAX	480		/* extra "key=value" text per step line */
-#define PYV_CHUNK	(128 * 1024)	/* I/O chunk for write/append/read */
 /*
- * The chunk buffer is kmalloc'd, never vmalloc'd: on a share with cache=never (FOPEN_DIRECT_IO)
- * FUSE hands a kernel buffer to virtio-fs as one scatterlist entry by its linear address, which
- * must be physically contiguous.
+ * I/O chunk for write/append/read. Its buffer is kmalloc'd, never vmalloc'd: on a share with
+ * cache=never (FOPEN_DIRECT_IO) FUSE hands a kernel buffer to virtio-fs as one scatterlist entry
+ * by its linear address, which must be physically contiguous.
  */
+#define PYV_CHUNK	(128 * 1024)
 #define PYV_BLOCK	4096		/* pattern block, see guest/script.py */
 #define PYV_MAX_REPEAT	1000000		/* stat xN / probe N*ROUNDS */
 #define PYV_MAX_COPIES	8		/* parallel K: at most one copy per possible vCPU */
