@@ -296,16 +296,22 @@ def _finish(proc, rig) -> None:
     assert proc.wait(60) == 0
 
 
+def _device_translates(rig) -> None:
+    """Mount, create `n` and look up a host file of an unmapped owner: the device itself shows
+    that owner as the overflow ids (no kernel user namespace translates for it)."""
+    rig.up()
+    rig.init()
+    assert rig.create(b"n") == 0
+    err, e = rig.entry(b"stranger")
+    assert (e.attr.uid, e.attr.gid) == (OVERFLOW, OVERFLOW_GID)
+
+
 def test_standalone_back_end_with_sandbox_none_translates(share):
     """`device fs --sandbox none` on a share whose options say namespace: no jail, so no user
     namespace; the device must translate (not leave the ids to a kernel that does not)."""
     proc, rig = _backend(share, "none", uidmap=MAP, gidmap=MAP)
     try:
-        rig.up()
-        rig.init()
-        assert rig.create(b"n") == 0
-        err, e = rig.entry(b"stranger")
-        assert (e.attr.uid, e.attr.gid) == (OVERFLOW, OVERFLOW_GID)
+        _device_translates(rig)
     finally:
         _finish(proc, rig)
     assert (os.stat(share / "n").st_uid, os.stat(share / "n").st_gid) == (HOST, HOST)
@@ -325,11 +331,7 @@ def test_host_without_user_namespaces(share, idmap, capfd):
         assert "UserNamespaceUnavailable: no user namespace here: [Errno 1] unshare" in err, err
         return
     try:
-        rig.up()
-        rig.init()
-        assert rig.create(b"n") == 0
-        err, e = rig.entry(b"stranger")
-        assert (e.attr.uid, e.attr.gid) == (OVERFLOW, OVERFLOW_GID)
+        _device_translates(rig)
         err, secret = rig.entry(b"secret")
         assert rig.open(secret.nodeid) == 0             # a host-root device, jailed as before
     finally:
