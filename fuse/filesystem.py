@@ -140,6 +140,10 @@ class FileSystem:
         """The session ended: release everything it held (node ids, handles)."""
         raise _enosys()
 
+    def close(self) -> None:
+        """The filesystem will not serve again (its device is closed): release what outlives a
+        session. Unlike the operations, not a request: the default does nothing."""
+
     def lookup(self, ctx: Context, parent: int, name: bytes) -> Entry:
         raise _enosys()
 

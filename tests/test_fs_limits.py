@@ -399,3 +399,20 @@ def test_bytes_per_inode_and_handle_are_what_the_ceiling_assumes(share, wire):
     per_inode, per_handle = (m1 - m0) / n, (m2 - m1) / 1000
     print(f"\nheap per node id {per_inode:.0f} B, per file handle {per_handle:.0f} B")
     assert per_inode <= BYTES_PER_INODE and per_handle <= BYTES_PER_HANDLE
+
+
+def test_a_closed_device_no_longer_counts_against_the_fd_budget(share):
+    """A process that runs one VM after another (a test worker, a benchmark) must not count the
+    closed devices' tables against the next: it warned of a shortfall growing with every VM."""
+    from devices.virtio.fs.device import FsDevice
+
+    gc.disable()  # no collection may change the count in between: only close() may
+    try:
+        first = FsDevice(FsOptions(source=str(share), tag="a", sandbox="none"))
+        needed = first.fs.fd_budget.needed
+        first.close()
+        second = FsDevice(FsOptions(source=str(share), tag="b", sandbox="none"))
+        assert second.fs.fd_budget.needed == needed   # `first` is alive, but closed
+        second.close()
+    finally:
+        gc.enable()

@@ -166,6 +166,9 @@ class FsDevice(HasDaxWindow, VirtioDevice):
 
     def close(self) -> None:
         self.reset()
+        close_fs = getattr(self.fs, "close", None)  # a FileSystem has it; a test double may not
+        if close_fs is not None:
+            close_fs()
         if self.trace is not None:
             self.trace.close()
             self.trace = None

@@ -71,7 +71,7 @@ def raise_nofile(needed: int) -> int:
 
 
 def reserve(owner: object, fds: int, what: str) -> Budget:
-    """Count ``fds`` for ``owner`` (until it is garbage-collected), raise the limit for all live
+    """Count ``fds`` for ``owner`` (until ``release(owner)`` or its garbage collection), raise the limit for all live
     owners plus HEADROOM, and log one WARNING when it cannot fit."""
     with _lock:
         _owners[owner] = fds
@@ -86,3 +86,12 @@ def reserve(owner: object, fds: int, what: str) -> Budget:
             " max_inodes/max_handles.", what, needed, HEADROOM, limit)
     return budget
 
+
+
+def release(owner: object) -> None:
+    """``owner`` holds no fds any more (its device was closed). Done explicitly rather than left
+    to the garbage collector: a process that runs one VM after another (a test worker, a
+    benchmark) would otherwise count the closed devices' tables against the next ones and warn
+    of a shortfall that does not exist."""
+    with _lock:
+        _owners.pop(owner, None)

@@ -345,6 +345,13 @@ class PassthroughFs(FileSystem):
             self.dax.reset()
         self._clear_tables()
 
+    def close(self) -> None:
+        """The device is gone: close every fd and return the fd budget (fdbudget.release)."""
+        try:
+            self._clear_tables()
+        finally:
+            fdbudget.release(self)
+
     def _clear_tables(self) -> None:
         """Close every fd of the session. A table whose lock is wedged (a bug, logged by
         PinnedFds) is abandoned for a fresh one, so a new session always starts working."""
