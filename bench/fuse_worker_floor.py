@@ -13,18 +13,22 @@ requests (a missing-name LOOKUP in the share's root):
 Anything else the guest sends (INIT, GETATTR of the root, ...) still goes through the real
 device. That loop checks nothing a hostile guest could send it: it exists only here, to measure.
 
-Three configurations of the same boot, alternated round by round, one guest script (the probe:
+Four configurations of the same boot, alternated round by round, one guest script (the probe:
 NAMES missing names x REPEAT rounds, one LOOKUP each, between two marks):
 
 * ``ours``: our VMM, the virtio-fs device in-process as shipped;
 * ``floor``: our VMM, the same device with the minimal loop above;
+* ``native``: the same loop in C (native_floor.c, built here with cc), the waiting included: the
+  worker thread stays in it, without the GIL, and returns to Python only for the requests it does
+  not answer -- what a native request path inside our VMM's process would cost;
 * ``virtiofsd``: our VMM as vhost-user front-end of QEMU 7.2's C virtiofsd (only the back-end
   differs; every thread of the virtiofsd process tree is counted).
 
 Server CPU (schedstat of the worker thread / of the back-end's process tree) between the marks is
 divided by the probe's LOOKUPs (NAMES x REPEAT; the one GETATTR of the root per second that the
-guest sends whoever serves it is in all three alike). The ratios against virtiofsd say whether
-the issue's target (1.5x) is reachable by a worker written in Python on this machine.
+guest sends whoever serves it is in all of them alike). The ratios against virtiofsd say whether
+the issue's target (1.5x) is reachable by a worker written in Python on this machine, and what
+native code in the same place would buy.
 
     python bench/fuse_worker_floor.py [--rounds 3] [--probe 20x10]
 """
@@ -32,11 +36,13 @@ the issue's target (1.5x) is reachable by a worker written in Python on this mac
 from __future__ import annotations
 
 import argparse
+import ctypes
 import errno
 import os
 import shutil
 import statistics
 import struct
+import subprocess
 import sys
 import tempfile
 import time
@@ -51,7 +57,7 @@ from devices.virtio import queue as queue_mod  # noqa: E402
 from devices.virtio.fs import worker as worker_mod  # noqa: E402
 from guest.script import render  # noqa: E402
 
-CONFIGS = ("ours", "floor", "virtiofsd")
+CONFIGS = ("ours", "floor", "native", "virtiofsd")
 _U16 = struct.Struct("<H")
 _DESC = struct.Struct("<QIHH")
 _IN_HEADER = struct.Struct("<IIQQ")   # len, opcode, unique, nodeid (the rest is not needed)
@@ -131,6 +137,93 @@ class MinimalLoop:
             worker._notify(i, q)
 
 
+class _NativeState(ctypes.Structure):
+    """struct floor_state of native_floor.c."""
+
+    _fields_ = [("desc", ctypes.c_void_p), ("avail", ctypes.c_void_p), ("used", ctypes.c_void_p),
+                ("region_host", ctypes.c_void_p * 8), ("region_gpa", ctypes.c_uint64 * 8),
+                ("region_size", ctypes.c_uint64 * 8), ("regions", ctypes.c_uint32),
+                ("size", ctypes.c_uint32), ("kick_fd", ctypes.c_int32), ("stop_fd", ctypes.c_int32),
+                ("irq_fd", ctypes.c_int32), ("root_fd", ctypes.c_int32),
+                ("next_avail", ctypes.c_uint32), ("next_used", ctypes.c_uint32),
+                ("signalled", ctypes.c_uint32), ("event_idx", ctypes.c_uint32),
+                ("answered", ctypes.c_uint64)]
+
+
+def _address(view: memoryview) -> int:
+    # the temporary ctypes object (and its buffer export) is gone at once: Queue.close() can
+    # still release the view
+    return ctypes.addressof(ctypes.c_char.from_buffer(view))
+
+
+class NativeLoop(MinimalLoop):
+    """MinimalLoop's work in C (native_floor.c), the waiting included: the worker thread enters
+    floor_serve() through ctypes, without the GIL, and comes back to Python only for a request
+    the loop does not answer (INIT, GETATTR...) or to stop. The interrupt is the irqfd alone, so
+    the device is marked as one whose rings are signalled directly (InterruptStatus then always
+    shows VRING, as for a vhost-user back-end; see devices/virtio/mmio.py)."""
+
+    def __init__(self, share: Path, workdir: Path) -> None:
+        super().__init__(share)
+        so = workdir / "native_floor.so"
+        subprocess.run(["cc", "-O2", "-Wall", "-shared", "-fPIC", "-o", str(so),
+                        str(Path(__file__).with_name("native_floor.c"))], check=True)
+        self._lib = ctypes.CDLL(str(so))
+        self._lib.floor_serve.argtypes = [ctypes.POINTER(_NativeState)]
+        self._lib.floor_serve.restype = ctypes.c_int
+
+    @property
+    def answered(self) -> int:
+        """Answered so far, those of a floor_serve() still running included."""
+        return self._finished + (self._live.answered if self._live is not None else 0)
+
+    @answered.setter
+    def answered(self, value: int) -> None:
+        self._finished = value
+        self._live: _NativeState | None = None
+
+    def __enter__(self) -> NativeLoop:
+        super().__enter__()
+        from devices.virtio.fs.device import FsDevice
+        self._signals = FsDevice.signals_rings_directly
+        FsDevice.signals_rings_directly = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        from devices.virtio.fs.device import FsDevice
+        FsDevice.signals_rings_directly = self._signals
+        super().__exit__(*exc)
+
+    def drain(self, worker: Any, i: int) -> None:
+        q = worker.queues[i]
+        st = _NativeState(desc=_address(q._desc), avail=_address(q._avail),
+                          used=_address(q._used), size=q.size, kick_fd=worker.queue_events[i],
+                          stop_fd=worker._stop_fd, irq_fd=worker.interrupt.irq_fd,
+                          root_fd=self._root, event_idx=int(q.event_idx))
+        regions = q.memory.regions
+        if len(regions) > len(st.region_host):
+            raise RuntimeError(f"{len(regions)} guest memory regions: native_floor.c takes 8")
+        for n, r in enumerate(regions):
+            st.region_host[n], st.region_gpa[n], st.region_size[n] = r.host_addr, r.gpa, r.size
+        st.regions = len(regions)
+        self._live = st
+        try:
+            while not worker._stopping:
+                st.next_avail, st.next_used = q.next_avail, q.next_used
+                st.signalled = q._signalled_used
+                before = st.answered
+                stay = self._lib.floor_serve(ctypes.byref(st))
+                q.next_avail, q.next_used = st.next_avail, st.next_used
+                q._signalled_used = st.signalled
+                worker.counters.chains += st.answered - before
+                if not stay:
+                    return
+                self._original(worker, i)     # the requests the loop left to the Python device
+        finally:
+            self._live = None
+            self._finished += st.answered
+
+
 def probe_script(names: int, repeat: int) -> str:
     return render(["mark m0", "sleep 300", f"probe /mnt/{TAG} {names} {repeat} expect=ENOENT",
                    "mark m1", "sleep 300", "exit 0"])
@@ -140,11 +233,11 @@ def run_one(config: str, workroot: Path, kernel: Path, text: str, lookups: int) 
     share = Path(tempfile.mkdtemp(prefix="share", dir=workroot))
     wd = Path(tempfile.mkdtemp(prefix="w", dir=workroot))
     try:
-        if config == "floor":
-            with MinimalLoop(share) as loop:
+        if config in ("floor", "native"):
+            with (MinimalLoop(share) if config == "floor" else NativeLoop(share, wd)) as loop:
                 rnd, _ = run_ours("ours-inproc", share, wd, kernel, text)
             if loop.answered != lookups:
-                raise SystemExit(f"floor: the minimal loop answered {loop.answered} LOOKUPs, the "
+                raise SystemExit(f"{config}: the minimal loop answered {loop.answered} LOOKUPs, the "
                                  f"probe sends {lookups}: the figure would not be the floor's")
         else:
             rnd, _ = run_ours("ours-inproc" if config == "ours" else "virtiofsd", share, wd,

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import errno
 
-from bench.fuse_worker_floor import MinimalLoop
+import pytest
+
+from bench.fuse_worker_floor import MinimalLoop, NativeLoop
 from devices.virtio.fs import worker as worker_mod
 from devices.virtio.fs.options import FsOptions
 from fuse import abi
@@ -19,12 +21,13 @@ from tests.test_virtio_fs import Guest
 SPLIT_ENTRY = [abi.OUT_HEADER.size, abi.ENTRY_OUT.size]
 
 
-def test_the_minimal_loop_answers_missing_names_and_hands_on_the_rest(tmp_path):
+@pytest.mark.parametrize("native", [False, True], ids=["python", "native"])
+def test_the_minimal_loop_answers_missing_names_and_hands_on_the_rest(tmp_path, native):
     share = tmp_path / "share"
     share.mkdir()
     (share / "present").write_text("x")
     original = worker_mod.FsWorker._process_queue
-    with MinimalLoop(share) as loop:
+    with (NativeLoop(share, tmp_path) if native else MinimalLoop(share)) as loop:
         g = Guest(FsOptions(source=str(share), tag="floor", sandbox="none"))
         try:
             g.up()
