@@ -164,6 +164,8 @@ class NativeLoop(MinimalLoop):
     shows VRING, as for a vhost-user back-end; see devices/virtio/mmio.py)."""
 
     def __init__(self, share: Path, workdir: Path) -> None:
+        self._finished = 0                        # answered by floor_serve() calls that returned
+        self._live: _NativeState | None = None    # the state of the call running now
         super().__init__(share)
         so = workdir / "native_floor.so"
         subprocess.run(["cc", "-O2", "-Wall", "-shared", "-fPIC", "-o", str(so),
@@ -178,9 +180,8 @@ class NativeLoop(MinimalLoop):
         return self._finished + (self._live.answered if self._live is not None else 0)
 
     @answered.setter
-    def answered(self, value: int) -> None:
+    def answered(self, value: int) -> None:     # MinimalLoop.__init__ sets 0
         self._finished = value
-        self._live: _NativeState | None = None
 
     def __enter__(self) -> NativeLoop:
         super().__enter__()
