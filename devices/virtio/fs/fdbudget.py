@@ -71,8 +71,8 @@ def raise_nofile(needed: int) -> int:
 
 
 def reserve(owner: object, fds: int, what: str) -> Budget:
-    """Count ``fds`` for ``owner`` (until ``release(owner)`` or its garbage collection), raise the limit for all live
-    owners plus HEADROOM, and log one WARNING when it cannot fit."""
+    """Count ``fds`` for ``owner`` (until ``release(owner)`` or its garbage collection), raise
+    the limit for all live owners plus HEADROOM, and log one WARNING when it cannot fit."""
     with _lock:
         _owners[owner] = fds
         needed = sum(_owners.values()) + HEADROOM
@@ -85,7 +85,6 @@ def reserve(owner: object, fds: int, what: str) -> Budget:
             " a new fd fail with EMFILE. Raise the hard limit (ulimit -Hn, LimitNOFILE=) or lower"
             " max_inodes/max_handles.", what, needed, HEADROOM, limit)
     return budget
-
 
 
 def release(owner: object) -> None:
