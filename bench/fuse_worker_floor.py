@@ -30,7 +30,7 @@ guest sends whoever serves it is in all of them alike). The ratios against virti
 the issue's target (1.5x) is reachable by a worker written in Python on this machine, and what
 native code in the same place would buy.
 
-    python bench/fuse_worker_floor.py [--rounds 3] [--probe 20x10]
+    python bench/fuse_worker_floor.py [--rounds 5] [--probe 20x10] [--configs ours,floor,native,virtiofsd]
 """
 
 from __future__ import annotations
@@ -255,7 +255,7 @@ def run_one(config: str, workroot: Path, kernel: Path, text: str, lookups: int) 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--probe", default="20x10", help="missing names x rounds (20x10)")
     p.add_argument("--configs", default=",".join(CONFIGS))
     p.add_argument("--kernel", type=Path, help="guest kernel (default: the cached project kernel)")
